@@ -1,0 +1,228 @@
+"""The event log: one validated, JSON-only record per thing that happened.
+
+A conversation's log is a sequence numbered from 1 by the store (the unique
+key ``(conversation_id, seq)`` makes one writer win). Events are of three
+sorts:
+
+* effect events, one per effect the dialog yielded, in yield order:
+  ``sent``, ``cancelled``, ``waiting``, ``sleeping``, ``now``, ``called``,
+  ``sub_started``, ``tz_set``, and ``effect_failed`` when resolving the effect
+  raised (an unparseable time);
+* outcome events the dialog's own code produced: ``sub_ended``,
+  ``completed``, ``failed``;
+* inputs from outside: ``started`` (a run begins), ``reply``,
+  ``timer_fired`` (a sleep ended or a wait timed out), ``delivered`` (a
+  message was handed to the channel).
+
+Replay matches effect and outcome events against the code and absorbs inputs.
+No code is stored: only JSON values, validated on read.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+
+__all__ = [
+    "Called",
+    "Cancelled",
+    "Completed",
+    "Delivered",
+    "EffectFailed",
+    "ErrorInfo",
+    "Event",
+    "Failed",
+    "NowRead",
+    "ReplyReceived",
+    "Sent",
+    "Sleeping",
+    "Started",
+    "SubEnded",
+    "SubStarted",
+    "TimerFired",
+    "TzSet",
+    "Waiting",
+    "event_from_json",
+    "event_to_json",
+]
+
+
+class ErrorInfo(BaseModel):
+    """An exception as data: its type name and message."""
+
+    model_config = ConfigDict(frozen=True)
+    type: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ErrorInfo:
+        return cls(type=type(exc).__name__, message=str(exc))
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    seq: int
+    at: datetime
+
+
+class Started(_Event):
+    kind: Literal["started"] = "started"
+    dialog: str
+    version: str | None = None
+    args: list[JsonValue] = []
+    kwargs: dict[str, JsonValue] = {}
+    tz: str = "UTC"
+    run: int = 1
+
+
+class Sent(_Event):
+    kind: Literal["sent"] = "sent"
+    text: str
+    to: str | None = None
+    metadata: dict[str, JsonValue] = {}
+    due_at: datetime | None = None  # set for a scheduled send
+
+
+class Cancelled(_Event):
+    kind: Literal["cancelled"] = "cancelled"
+    message_id: str
+    ok: bool
+
+
+class Waiting(_Event):
+    kind: Literal["waiting"] = "waiting"
+    timeout_at: datetime | None = None
+
+
+class Sleeping(_Event):
+    kind: Literal["sleeping"] = "sleeping"
+    effect: Literal["sleep", "sleep_until"]
+    until: datetime
+
+
+class NowRead(_Event):
+    kind: Literal["now"] = "now"
+    value: datetime
+
+
+class Called(_Event):
+    kind: Literal["called"] = "called"
+    name: str
+    result: JsonValue = None
+    error: ErrorInfo | None = None
+    attempts: int = 1
+
+
+class SubStarted(_Event):
+    kind: Literal["sub_started"] = "sub_started"
+    dialog: str
+    args: list[JsonValue] = []
+    kwargs: dict[str, JsonValue] = {}
+
+
+class TzSet(_Event):
+    kind: Literal["tz_set"] = "tz_set"
+    zone: str
+
+
+class EffectFailed(_Event):
+    kind: Literal["effect_failed"] = "effect_failed"
+    effect: str
+    error: ErrorInfo
+
+
+class SubEnded(_Event):
+    kind: Literal["sub_ended"] = "sub_ended"
+    dialog: str
+    result: JsonValue = None
+    error: ErrorInfo | None = None
+
+
+class Completed(_Event):
+    kind: Literal["completed"] = "completed"
+    result: JsonValue = None
+
+
+class Failed(_Event):
+    kind: Literal["failed"] = "failed"
+    error: ErrorInfo
+
+
+class ReplyReceived(_Event):
+    kind: Literal["reply"] = "reply"
+    text: str
+    metadata: dict[str, JsonValue] = {}
+
+
+class TimerFired(_Event):
+    kind: Literal["timer_fired"] = "timer_fired"
+    for_seq: int
+
+
+class Delivered(_Event):
+    kind: Literal["delivered"] = "delivered"
+    message_id: str
+
+
+Event = Annotated[
+    Started
+    | Sent
+    | Cancelled
+    | Waiting
+    | Sleeping
+    | NowRead
+    | Called
+    | SubStarted
+    | TzSet
+    | EffectFailed
+    | SubEnded
+    | Completed
+    | Failed
+    | ReplyReceived
+    | TimerFired
+    | Delivered,
+    Field(discriminator="kind"),
+]
+
+INPUT_KINDS = frozenset({"reply", "timer_fired", "delivered", "started"})
+
+_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def event_to_json(event: Event) -> str:
+    return event.model_dump_json()
+
+
+def event_from_json(conversation_id: str, seq: int, text: str | bytes) -> Event:
+    """Validate one stored event; a bad one raises ``CorruptEventError`` naming where it is."""
+    from dynaprompt.errors import CorruptEventError
+
+    try:
+        event = _adapter.validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise CorruptEventError(conversation_id, seq, f"{where}: {first.get('msg')}") from exc
+    if event.seq != seq:
+        raise CorruptEventError(conversation_id, seq, f"it says seq {event.seq}")
+    return event
+
+
+def event_from_dict(conversation_id: str, seq: int, data: object) -> Event:
+    """Like :func:`event_from_json`, for a decoded document (the MongoDB store)."""
+    from dynaprompt.errors import CorruptEventError
+
+    try:
+        event = _adapter.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise CorruptEventError(conversation_id, seq, f"{where}: {first.get('msg')}") from exc
+    if event.seq != seq:
+        raise CorruptEventError(conversation_id, seq, f"it says seq {event.seq}")
+    return event

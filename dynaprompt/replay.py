@@ -1,0 +1,530 @@
+"""The pure replay engine: drive a dialog against its log, produce new events.
+
+An :class:`Execution` holds one run of a conversation: the stack of live
+generators (a dialog and its sub-dialogs), the log as far as it has read it,
+and the queue of replies not yet consumed. ``extend()`` gives it events
+(recorded ones after a load, or new inputs such as a reply), ``advance(now)``
+drives the dialog as far as it can go and returns the new events to append.
+While events remain unread, each effect the dialog yields must match the next
+recorded one and takes its recorded result (replay); past the end of the log
+(the frontier) effects are resolved against ``now`` and recorded. Warm running
+and replay are one code path, which is what makes replay invisible.
+
+No I/O happens here: a ``call()`` at the frontier is handed back to the caller
+(``Advance.call``), which runs it and reports with ``record_call()``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import JsonValue, TypeAdapter, ValidationError
+
+from dynaprompt.dialogs import Dialog, Done, Frame
+from dynaprompt.effects import (
+    Call,
+    Cancel,
+    Effect,
+    Now,
+    Send,
+    SetTimezone,
+    Sleep,
+    SleepUntil,
+    SubDialog,
+    WaitForReply,
+)
+from dynaprompt.errors import (
+    CallError,
+    CorruptEventError,
+    DynapromptError,
+    NondeterminismError,
+    NotJSONError,
+    TimeParseError,
+    UnknownTimeZoneError,
+)
+from dynaprompt.events import (
+    Called,
+    Cancelled,
+    Completed,
+    Delivered,
+    EffectFailed,
+    ErrorInfo,
+    Event,
+    Failed,
+    NowRead,
+    ReplyReceived,
+    Sent,
+    Sleeping,
+    Started,
+    SubEnded,
+    SubStarted,
+    TimerFired,
+    TzSet,
+    Waiting,
+)
+from dynaprompt.models import Reply, State
+from dynaprompt.timeparse import parse_duration, parse_instant, zone
+
+__all__ = ["Advance", "Execution", "message_id", "to_json"]
+
+_json: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
+_REPLAYED_ERRORS: dict[str, type[DynapromptError]] = {
+    "TimeParseError": TimeParseError,
+    "UnknownTimeZoneError": UnknownTimeZoneError,
+}
+
+
+def message_id(conversation_id: str, seq: int) -> str:
+    """The id of the message recorded at ``seq``: stable, so it is an idempotency key."""
+    return f"{conversation_id}:{seq}"
+
+
+def to_json(value: Any, what: str) -> JsonValue:
+    """``value`` checked to be JSON-compatible (tuples become lists), or ``NotJSONError``."""
+    try:
+        return _json.validate_python(value)
+    except ValidationError as exc:
+        raise NotJSONError(what, f"{type(value).__name__} value {value!r:.80}") from exc
+
+
+@dataclass
+class Advance:
+    """What one ``advance()`` produced."""
+
+    events: list[Event]
+    state: State
+    wake_at: datetime | None = None
+    call: Call | None = None
+    result: JsonValue = None
+    error: ErrorInfo | None = None
+
+
+@dataclass
+class _Pending:
+    """The effect the top frame is blocked on, with its recorded event."""
+
+    event: Waiting | Sleeping
+
+
+@dataclass
+class Execution:
+    """One run of a conversation, resumable from its log. Not thread-safe; one owner at a time."""
+
+    conversation_id: str
+    dialog: Dialog
+    started: Started
+    frames: list[Frame] = field(default_factory=list)
+    log: list[Event] = field(default_factory=list)
+    cursor: int = 0
+    last_seq: int = 0
+    inbox: deque[ReplyReceived] = field(default_factory=deque)
+    outbox: dict[str, Sent] = field(default_factory=dict)
+    tz: str = "UTC"
+    state: State = "running"
+    result: JsonValue = None
+    error: ErrorInfo | None = None
+    _pending: _Pending | None = None
+    _awaiting_call: Call | None = None
+    _feed: tuple[Any, BaseException | None] | None = None
+    _begun: bool = False
+    _new: list[Event] = field(default_factory=list)
+
+    @classmethod
+    def begin(cls, conversation_id: str, dialog: Dialog, started: Started, history: Sequence[Event] = ()) -> Execution:
+        """An execution of the run that ``started`` opens; ``history`` is the log before it."""
+        execution = cls(conversation_id, dialog, started, tz=started.tz, last_seq=started.seq)
+        for event in history:
+            execution._track_outbox(event)
+        execution.log.append(started)
+        execution.cursor = 1
+        return execution
+
+    # -- feeding the log ---------------------------------------------------
+
+    def extend(self, events: list[Event]) -> None:
+        """Add events that follow the log read so far (recorded ones, or new inputs)."""
+        for event in events:
+            if event.seq <= self.last_seq:
+                continue
+            if event.seq != self.last_seq + 1:
+                raise CorruptEventError(self.conversation_id, event.seq, f"expected seq {self.last_seq + 1}")
+            self.log.append(event)
+            self.last_seq = event.seq
+
+    def input_reply(self, text: str, metadata: dict[str, JsonValue], now: datetime) -> ReplyReceived:
+        """Record an inbound message at the next sequence number."""
+        reply = ReplyReceived(seq=self.last_seq + 1, at=now, text=text, metadata=metadata)
+        self._record_input(reply)
+        return reply
+
+    def mark_delivered(self, message_ids: list[str], now: datetime) -> list[Event]:
+        """Record that these outbox messages were handed to the channel; return the events to append."""
+        events: list[Event] = []
+        for mid in message_ids:
+            delivered = Delivered(seq=self.last_seq + 1, at=now, message_id=mid)
+            self._record_input(delivered)
+            events.append(delivered)
+        self._new = [event for event in self._new if event.kind != "delivered"]
+        return events
+
+    def due_messages(self, now: datetime) -> list[Sent]:
+        """Recorded sends not yet delivered whose time has come, in due order."""
+        due = [sent for sent in self.outbox.values() if (sent.due_at or sent.at) <= now]
+        return sorted(due, key=lambda sent: (sent.due_at or sent.at, sent.seq))
+
+    def next_message_at(self) -> datetime | None:
+        times = [sent.due_at or sent.at for sent in self.outbox.values()]
+        return min(times) if times else None
+
+    def take_new_events(self) -> list[Event]:
+        """Events recorded since the last call, for the caller to append."""
+        new, self._new = self._new, []
+        return new
+
+    # -- driving -------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("completed", "failed")
+
+    def record_call(self, result: Any, error: BaseException | None, now: datetime, attempts: int = 1) -> None:
+        """Report how the ``call()`` handed out by ``advance()`` went."""
+        effect = self._awaiting_call
+        assert effect is not None, "record_call() without a pending call"
+        self._awaiting_call = None
+        if error is None:
+            try:
+                value = to_json(result, f"the result of {effect.name}")
+            except NotJSONError as exc:
+                error = exc
+        if error is not None:
+            info = ErrorInfo.of(error)
+            self._record(Called(seq=self.last_seq + 1, at=now, name=effect.name, error=info, attempts=attempts))
+            self._feed = (None, CallError(info.type, info.message))
+        else:
+            self._record(Called(seq=self.last_seq + 1, at=now, name=effect.name, result=value, attempts=attempts))
+            self._feed = (value, None)
+
+    async def advance(self, now: datetime) -> Advance:
+        """Drive the dialog until it blocks, ends, or needs a call run; return what happened.
+
+        Raises ``NondeterminismError`` (and records nothing more) when the code
+        yields something other than the log holds.
+        """
+        if self._awaiting_call is not None:
+            return self._outcome("running", call=self._awaiting_call)
+        while not self.ended:
+            if not self._begun:
+                self._begun = True
+                self.frames.append(self.dialog.open(self.started.args, self.started.kwargs))
+                await self._step(None, None, now)
+                continue
+            if self._pending is not None:
+                if not self._resolve_pending(now):
+                    return self._blocked_outcome()
+                continue
+            if self._feed is not None:
+                value, exc = self._feed
+                self._feed = None
+                await self._step(value, exc, now)
+                continue
+            if self._awaiting_call is not None:
+                return self._outcome("running", call=self._awaiting_call)
+            raise AssertionError("execution has nothing to do")  # pragma: no cover
+        return self._outcome(self.state)
+
+    async def close(self) -> None:
+        """Close every live generator (the execution is being dropped)."""
+        while self.frames:
+            await self.frames.pop().close()
+
+    # -- internals -----------------------------------------------------------
+
+    async def _step(self, value: Any, exc: BaseException | None, now: datetime) -> None:
+        """Send ``value`` (or throw ``exc``) into the top frame and handle what it yields or how it ends."""
+        frame = self.frames[-1]
+        try:
+            effect = await (frame.throw(exc) if exc is not None else frame.send(value))
+        except Done as done:
+            await frame.close()
+            await self._frame_ended(done.value, None, now)
+            return
+        except NondeterminismError:
+            raise
+        except Exception as raised:  # the dialog's own code raised
+            await frame.close()
+            await self._frame_ended(None, raised, now)
+            return
+        self._handle(effect, now)
+
+    async def _frame_ended(self, value: Any, exc: BaseException | None, now: datetime) -> None:
+        frame = self.frames.pop()
+        seq = self.last_seq + 1
+        if exc is None:
+            try:
+                result = to_json(value, f"the result of dialog {frame.dialog.name!r}")
+            except NotJSONError as not_json:
+                exc, result = not_json, None
+        info = ErrorInfo.of(exc) if exc is not None else None
+        if self.frames:  # a sub-dialog ended: hand its result (or error) to the parent
+            if info is not None:
+                ended: Event = SubEnded(seq=seq, at=now, dialog=frame.dialog.name, error=info)
+            else:
+                ended = SubEnded(seq=seq, at=now, dialog=frame.dialog.name, result=result)
+            self._match_or_record(ended, f"end of sub-dialog {frame.dialog.name}")
+            self._feed = (None, exc) if exc is not None else (result, None)
+            return
+        if info is not None:
+            self._match_or_record(Failed(seq=seq, at=now, error=info), "failure of the dialog")
+            self.state, self.error = "failed", info
+        else:
+            self._match_or_record(Completed(seq=seq, at=now, result=result), "end of the dialog")
+            self.state, self.result = "completed", result
+
+    def _handle(self, effect: Effect, now: datetime) -> None:
+        """Resolve a yielded effect from the log (replay) or against ``now`` (frontier)."""
+        recorded = self._next_recorded()
+        if recorded is not None:
+            self._check_match(recorded, effect)
+            self._replay_result(recorded, effect)
+            return
+        try:
+            self._resolve_new(effect, now)
+        except (TimeParseError, UnknownTimeZoneError, NotJSONError) as exc:
+            self._record(EffectFailed(seq=self.last_seq + 1, at=now, effect=effect.kind, error=ErrorInfo.of(exc)))
+            self._feed = (None, exc)
+
+    def _resolve_new(self, effect: Effect, now: datetime) -> None:
+        seq = self.last_seq + 1
+        if isinstance(effect, Send):
+            due_at = None
+            if effect.at is not None:
+                due_at = parse_instant(effect.at, now, self.tz)
+            sent = Sent(seq=seq, at=now, text=effect.text, to=effect.to, metadata=effect.metadata, due_at=due_at)
+            self._record(sent)
+            self._feed = (message_id(self.conversation_id, seq), None)
+        elif isinstance(effect, WaitForReply):
+            timeout_at = None if effect.timeout is None else now + parse_duration(effect.timeout)
+            self._record(Waiting(seq=seq, at=now, timeout_at=timeout_at))
+            self._pending = _Pending(self.log[-1])  # type: ignore[arg-type]
+        elif isinstance(effect, SleepUntil | Sleep):
+            if isinstance(effect, SleepUntil):
+                until = parse_instant(effect.when, now, self.tz)
+            else:
+                until = now + parse_duration(effect.duration)
+            self._record(Sleeping(seq=seq, at=now, effect=effect.kind, until=until))
+            self._pending = _Pending(self.log[-1])  # type: ignore[arg-type]
+        elif isinstance(effect, Now):
+            self._record(NowRead(seq=seq, at=now, value=now))
+            self._feed = (now, None)
+        elif isinstance(effect, Call):
+            self._awaiting_call = effect
+        elif isinstance(effect, SubDialog):
+            args = to_json(list(effect.arguments), f"the arguments of {effect.dialog.name}")
+            kwargs = to_json(effect.keywords, f"the keyword arguments of {effect.dialog.name}")
+            self._record(SubStarted(seq=seq, at=now, dialog=effect.dialog.name, args=args, kwargs=kwargs))
+            self.frames.append(effect.dialog.open(effect.arguments, effect.keywords))
+            self._feed = (None, None)
+        elif isinstance(effect, Cancel):
+            ok = self.outbox.pop(effect.message_id, None) is not None
+            self._record(Cancelled(seq=seq, at=now, message_id=effect.message_id, ok=ok))
+            self._feed = (ok, None)
+        elif isinstance(effect, SetTimezone):
+            zone(effect.zone)
+            self._record(TzSet(seq=seq, at=now, zone=effect.zone))
+            self.tz = effect.zone
+            self._feed = (None, None)
+        else:  # pragma: no cover - every effect class is handled above
+            raise DynapromptError(f"unknown effect {effect!r}")
+
+    def _replay_result(self, recorded: Event, effect: Effect) -> None:
+        if isinstance(recorded, EffectFailed):
+            error_type = _REPLAYED_ERRORS.get(recorded.error.type)
+            exc: Exception = DynapromptError(recorded.error.message)
+            if error_type is not None:
+                exc = error_type.__new__(error_type)
+                Exception.__init__(exc, recorded.error.message)
+            self._feed = (None, exc)
+        elif isinstance(recorded, Sent):
+            self._feed = (message_id(self.conversation_id, recorded.seq), None)
+        elif isinstance(recorded, Waiting | Sleeping):
+            self._pending = _Pending(recorded)
+        elif isinstance(recorded, NowRead):
+            self._feed = (recorded.value, None)
+        elif isinstance(recorded, Called):
+            if recorded.error is not None:
+                self._feed = (None, CallError(recorded.error.type, recorded.error.message))
+            else:
+                self._feed = (recorded.result, None)
+        elif isinstance(recorded, SubStarted):
+            assert isinstance(effect, SubDialog)
+            self.frames.append(effect.dialog.open(effect.arguments, effect.keywords))
+            self._feed = (None, None)
+        elif isinstance(recorded, Cancelled):
+            self._feed = (recorded.ok, None)
+        elif isinstance(recorded, TzSet):
+            self.tz = recorded.zone
+            self._feed = (None, None)
+
+    def _resolve_pending(self, now: datetime) -> bool:
+        """Try to end the current wait or sleep; True if it ended (and the result is fed)."""
+        assert self._pending is not None
+        blocked = self._pending.event
+        if isinstance(blocked, Waiting) and self.inbox:
+            self._pending = None
+            self._feed = (self._reply(self.inbox.popleft()), None)
+            return True
+        while self.cursor < len(self.log):
+            event = self.log[self.cursor]
+            self.cursor += 1
+            if isinstance(event, ReplyReceived) and isinstance(blocked, Waiting):
+                self._pending = None
+                self._feed = (self._reply(event), None)
+                return True
+            if isinstance(event, TimerFired) and event.for_seq == blocked.seq:
+                self._pending = None
+                self._feed = (None if isinstance(blocked, Waiting) else blocked.until, None)
+                return True
+            if not self._absorb(event):
+                raise CorruptEventError(
+                    self.conversation_id,
+                    event.seq,
+                    f"{event.kind} recorded while the dialog waited at seq {blocked.seq}",
+                )
+        deadline = blocked.timeout_at if isinstance(blocked, Waiting) else blocked.until
+        if deadline is not None and deadline <= now:
+            self._record(TimerFired(seq=self.last_seq + 1, at=now, for_seq=blocked.seq))
+            self.cursor = len(self.log)
+            self._pending = None
+            self._feed = (None if isinstance(blocked, Waiting) else blocked.until, None)
+            return True
+        return False
+
+    def _blocked_outcome(self) -> Advance:
+        assert self._pending is not None
+        blocked = self._pending.event
+        if isinstance(blocked, Waiting):
+            return self._outcome("waiting_for_reply", wake_at=blocked.timeout_at)
+        return self._outcome("sleeping", wake_at=blocked.until)
+
+    def _outcome(self, state: State, *, wake_at: datetime | None = None, call: Call | None = None) -> Advance:
+        self.state = state
+        return Advance(self.take_new_events(), state, wake_at, call, self.result, self.error)
+
+    def wake_at(self) -> datetime | None:
+        """When this conversation next needs the runner: a timer or a scheduled send."""
+        times = []
+        if self._pending is not None and not self.ended:
+            blocked = self._pending.event
+            deadline = blocked.timeout_at if isinstance(blocked, Waiting) else blocked.until
+            if deadline is not None:
+                times.append(deadline)
+        message_at = self.next_message_at()
+        if message_at is not None:
+            times.append(message_at)
+        return min(times) if times else None
+
+    def _next_recorded(self) -> Event | None:
+        """Absorb inputs up to the next recorded effect or outcome event; None at the frontier."""
+        while self.cursor < len(self.log):
+            event = self.log[self.cursor]
+            if self._absorb(event):
+                self.cursor += 1
+                continue
+            self.cursor += 1
+            return event
+        return None
+
+    def _absorb(self, event: Event) -> bool:
+        """Take in an input event; False if ``event`` is not an input."""
+        if isinstance(event, ReplyReceived):
+            self.inbox.append(event)
+        elif isinstance(event, Delivered):
+            self.outbox.pop(event.message_id, None)
+        elif isinstance(event, TimerFired):
+            pass  # a timer for an effect already resolved (a duplicate fire)
+        else:
+            return False
+        return True
+
+    def _check_match(self, recorded: Event, effect: Effect) -> None:
+        expected = _recorded_key(recorded)
+        if isinstance(recorded, EffectFailed):
+            matches = recorded.effect == effect.kind
+        else:
+            matches = expected == effect.key()
+        if not matches:
+            raise NondeterminismError(self.conversation_id, recorded.seq, expected, effect.describe())
+        if isinstance(recorded, Sent | Cancelled):
+            self._track_outbox(recorded)
+
+    def _match_or_record(self, event: Event, description: str) -> None:
+        recorded = self._next_recorded()
+        if recorded is None:
+            self._record(event)
+            return
+        if recorded.kind != event.kind or getattr(recorded, "dialog", None) != getattr(event, "dialog", None):
+            raise NondeterminismError(self.conversation_id, recorded.seq, _recorded_key(recorded), description)
+
+    def _record(self, event: Event) -> Any:
+        if event.seq != self.last_seq + 1:  # pragma: no cover - internal invariant
+            raise AssertionError(f"seq {event.seq} after {self.last_seq}")
+        self.log.append(event)
+        self.last_seq = event.seq
+        self.cursor = len(self.log)
+        self._new.append(event)
+        self._track_outbox(event)
+        return event
+
+    def _record_input(self, event: Event) -> None:
+        """Append an input at the next seq without moving the read cursor: the dialog reads it in turn."""
+        self.log.append(event)
+        self.last_seq = event.seq
+        self._new.append(event)
+        self._track_outbox(event)
+
+    def _track_outbox(self, event: Event) -> None:
+        if isinstance(event, Sent):
+            self.outbox[message_id(self.conversation_id, event.seq)] = event
+        elif isinstance(event, Delivered):
+            self.outbox.pop(event.message_id, None)
+        elif isinstance(event, Cancelled) and event.ok:
+            self.outbox.pop(event.message_id, None)
+
+    def _reply(self, event: ReplyReceived) -> Reply:
+        return Reply(
+            id=message_id(self.conversation_id, event.seq), text=event.text, at=event.at, metadata=event.metadata
+        )
+
+
+def _recorded_key(event: Event) -> str:
+    """How replay describes a recorded event, in the terms of ``Effect.key()``."""
+    if isinstance(event, Sent):
+        return f"send({event.text!r})"
+    if isinstance(event, Waiting):
+        return "wait_for_reply()"
+    if isinstance(event, Sleeping):
+        return f"{event.effect}()"
+    if isinstance(event, NowRead):
+        return "now()"
+    if isinstance(event, Called):
+        return f"call({event.name})"
+    if isinstance(event, SubStarted):
+        return f"{event.dialog}(...)"
+    if isinstance(event, Cancelled):
+        return f"cancel({event.message_id!r})"
+    if isinstance(event, TzSet):
+        return f"set_timezone({event.zone!r})"
+    if isinstance(event, EffectFailed):
+        return f"{event.effect} (which failed: {event.error})"
+    if isinstance(event, SubEnded):
+        return f"end of sub-dialog {event.dialog}"
+    if isinstance(event, Completed):
+        return "end of the dialog"
+    if isinstance(event, Failed):
+        return "failure of the dialog"
+    return event.kind

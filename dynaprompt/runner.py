@@ -1,0 +1,576 @@
+"""The runner: load a conversation, replay it, append what it did, hand off its messages.
+
+Every advance of a conversation (``start``, ``deliver``, a due timer) runs
+under a lease in the store, so many runners may share one store and only one
+advances a given conversation at a time. The lease is held only while the
+conversation is being advanced. A cache of live executions lets a warm
+conversation skip replay; it is only a cache: its entry is used when it ends
+exactly where the log ends, and is otherwise caught up from the log or rebuilt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import socket
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from dynaprompt.channels.base import Channel
+from dynaprompt.clock import Clock, SystemClock
+from dynaprompt.dialogs import Dialog, lookup
+from dynaprompt.effects import Call
+from dynaprompt.errors import (
+    ConflictError,
+    ConversationEndedError,
+    ConversationExistsError,
+    DynapromptError,
+    MessageTooLargeError,
+    NondeterminismError,
+    NotTextError,
+    UnknownConversationError,
+)
+from dynaprompt.events import INPUT_KINDS, Delivered, Event, ReplyReceived, Sent, Started
+from dynaprompt.models import Message, Status, TranscriptEntry
+from dynaprompt.replay import Execution, message_id, to_json
+from dynaprompt.stores.base import ConversationRow, RowUpdate, Store
+from dynaprompt.timeparse import zone
+
+__all__ = ["Runner"]
+
+log = logging.getLogger("dynaprompt")
+
+_ENDED = ("completed", "failed")
+_MAX_ATTEMPTS = 50
+
+
+class Runner:
+    """Runs conversations on a store, handing the bot's messages to a channel.
+
+    ::
+
+        store = await open_store("sqlite:///bot.db")
+        async with Runner(store, channel) as runner:
+            await runner.start(check_in, "user-42", "Ann")
+            await runner.deliver("user-42", "Slept well!")
+
+    Options (keyword-only):
+
+    * ``clock``: where time comes from (default: the system clock);
+      ``dynaprompt.testing.VirtualClock`` for tests.
+    * ``tz``: the default IANA zone of new conversations (default ``"UTC"``).
+    * ``max_message_chars``: the longest inbound message accepted (16,000).
+    * ``cache_size``: how many live conversations to keep warm (1,024; 0 turns
+      the cache off, so every advance replays from the log).
+    * ``lease_seconds``: how long a claim on a conversation lasts if this
+      runner dies while advancing it (30 s).
+    * ``poll_interval``: how often ``serve()`` looks for work other runners
+      left (1 s).
+    * ``due_batch``: how many due conversations one pass of ``run_due`` takes
+      from the store at a time (256).
+
+    The runner never closes a store it was given.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        channel: Channel | None = None,
+        *,
+        clock: Clock | None = None,
+        tz: str | None = None,
+        max_message_chars: int = 16_000,
+        cache_size: int = 1024,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 1.0,
+        due_batch: int = 256,
+    ) -> None:
+        self.store = store
+        self.channel = channel
+        self.clock: Clock = clock or SystemClock()
+        self.tz = tz or "UTC"
+        zone(self.tz)
+        self.max_message_chars = max_message_chars
+        self.cache_size = cache_size
+        self.lease = timedelta(seconds=lease_seconds)
+        self.poll_interval = poll_interval
+        self.due_batch = due_batch
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._cache: OrderedDict[str, Execution] = OrderedDict()
+        self._locks: dict[str, anyio.Lock] = {}
+        self._changed = anyio.Event()
+        self._carried: dict[str, tuple[str, tuple[Any, BaseException | None, int]]] = {}
+
+    async def __aenter__(self) -> Runner:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Drop the cache (closing its generators). Leases are only held inside calls, so none remain."""
+        while self._cache:
+            _, execution = self._cache.popitem()
+            await execution.close()
+
+    # -- public API ----------------------------------------------------------
+
+    async def start(self, dialog_fn: Dialog | str, conversation_id: str, *args: Any, **kwargs: Any) -> Status:
+        """Begin a conversation running ``dialog_fn(*args, **kwargs)``; return its status once it blocks.
+
+        Starting an id whose latest run has not ended raises
+        ``ConversationExistsError``; an ended one starts a new run on the same
+        log (sequence numbers continue).
+        """
+        return await self._start(dialog_fn, conversation_id, list(args), kwargs, tz=None)
+
+    async def _start(
+        self, dialog_fn: Dialog | str, conversation_id: str, args: list[Any], kwargs: dict[str, Any], tz: str | None
+    ) -> Status:
+        chosen = dialog_fn if isinstance(dialog_fn, Dialog) else lookup(dialog_fn)
+        json_args = to_json(args, f"the arguments of {chosen.name}")
+        json_kwargs = to_json(kwargs, f"the keyword arguments of {chosen.name}")
+        conversation_tz = tz or self.tz
+        zone(conversation_tz)
+        async with self._lock(conversation_id):
+            now = self.clock.now()
+            row = await self.store.get(conversation_id)
+            if row is None:
+                started = Started(
+                    seq=1, at=now, dialog=chosen.name, version=chosen.version,
+                    args=json_args, kwargs=json_kwargs, tz=conversation_tz, run=1,
+                )  # fmt: skip
+                fresh = ConversationRow(
+                    id=conversation_id, dialog=chosen.name, last_seq=1, run=1, run_seq=1, updated_at=now,
+                    tz=conversation_tz, lease_owner=self.owner, lease_until=now + self.lease,
+                )  # fmt: skip
+                try:
+                    await self.store.create(fresh, [started])
+                except ConflictError:
+                    raise ConversationExistsError(conversation_id, "running") from None
+                execution = Execution.begin(conversation_id, chosen, started)
+            else:
+                if row.state not in _ENDED:
+                    raise ConversationExistsError(conversation_id, row.state)
+                leased = await self._acquire(conversation_id, row, now)
+                if leased is None:
+                    raise ConversationExistsError(conversation_id, "being advanced by another runner")
+                await self._forget(conversation_id)
+                history = await self.store.load(conversation_id)
+                started = Started(
+                    seq=history[-1].seq + 1 if history else 1, at=now, dialog=chosen.name, version=chosen.version,
+                    args=json_args, kwargs=json_kwargs, tz=conversation_tz, run=leased.run + 1,
+                )  # fmt: skip
+                update = RowUpdate(
+                    dialog=chosen.name, state="running", run=started.run, run_seq=started.seq,
+                    parked=False, needs_advance=False, tz=conversation_tz,
+                    clear=frozenset({"result", "error", "wake_at"}),
+                )  # fmt: skip
+                try:
+                    await self.store.append(conversation_id, [started], update, now)
+                except ConflictError:
+                    await self.store.release(conversation_id, self.owner, None)
+                    raise ConversationExistsError(conversation_id, "being advanced by another runner") from None
+                execution = Execution.begin(conversation_id, chosen, started, history)
+            return await self._advance_and_release(conversation_id, execution)
+
+    async def deliver(self, conversation_id: str, text: str, *, metadata: dict[str, Any] | None = None) -> Status:
+        """Hand the conversation an inbound message.
+
+        When this returns the message is durable. If this runner could claim
+        the conversation, it has also been advanced as far as it can go and
+        its messages handed to the channel; if another runner holds it, that
+        runner advances it.
+        """
+        if not isinstance(text, str):
+            raise NotTextError(text)
+        if len(text) > self.max_message_chars:
+            raise MessageTooLargeError(len(text), self.max_message_chars)
+        json_metadata = to_json(metadata or {}, "message metadata")
+        assert isinstance(json_metadata, dict)
+        async with self._lock(conversation_id):
+            for _ in range(_MAX_ATTEMPTS):
+                now = self.clock.now()
+                row = await self.store.get(conversation_id)
+                if row is None:
+                    raise UnknownConversationError(conversation_id)
+                if row.state in _ENDED and not row.parked:
+                    raise ConversationEndedError(conversation_id, row.state)
+                leased = await self._acquire(conversation_id, row, now)
+                if leased is None:
+                    if await self._append_unleased(conversation_id, text, json_metadata):
+                        return await self.status(conversation_id)
+                    continue
+                try:
+                    execution = await self._execution(leased)
+                except BaseException:
+                    await self.store.release(conversation_id, self.owner, None)
+                    raise
+                if execution.ended and not leased.parked:
+                    await self._release(conversation_id, execution)
+                    raise ConversationEndedError(conversation_id, execution.state)
+                execution.input_reply(text, json_metadata, now)
+                try:
+                    return await self._advance_and_release(conversation_id, execution, leased)
+                except ConflictError:
+                    continue
+            raise DynapromptError(f"conversation {conversation_id!r}: gave up after {_MAX_ATTEMPTS} conflicting writes")
+
+    async def run_due(self) -> int:
+        """Fire every timer and scheduled send that is due now (and pick up stranded work); return how many
+        conversations were advanced."""
+        now = self.clock.now()
+        seen: set[str] = set()
+        while True:
+            batch = [cid for cid in await self.store.due(now, self.due_batch + len(seen)) if cid not in seen]
+            if not batch:
+                return len(seen)
+            for conversation_id in batch:
+                seen.add(conversation_id)
+                try:
+                    await self._fire(conversation_id)
+                except NondeterminismError as exc:
+                    log.error("parked: %s", exc)
+                except Exception:
+                    log.exception("conversation %r could not be advanced", conversation_id)
+
+    async def serve(self) -> None:
+        """Fire timers as they fall due, until cancelled.
+
+        Sleeps until the earliest wake-up in the store, waking early when
+        this runner records an earlier one, and at least every
+        ``poll_interval`` seconds to pick up what other runners left.
+        """
+        while True:
+            self._changed = anyio.Event()
+            await self.run_due()
+            next_at = await self.store.next_wake_at()
+            with anyio.move_on_after(self.poll_interval):
+                async with anyio.create_task_group() as group:
+
+                    async def wake_on(waiter: Any) -> None:
+                        await waiter()
+                        group.cancel_scope.cancel()
+
+                    group.start_soon(wake_on, self._changed.wait)
+                    if next_at is not None:
+                        group.start_soon(wake_on, partial(self.clock.sleep_until, next_at))
+
+    async def retry(self, conversation_id: str) -> Status:
+        """Replay a parked conversation against the current code (after a fix); its status after."""
+        async with self._lock(conversation_id):
+            await self._forget(conversation_id)
+            row = await self.store.get(conversation_id)
+            if row is None:
+                raise UnknownConversationError(conversation_id)
+            if row.parked:
+                await self.store.append(conversation_id, [], RowUpdate(needs_advance=True), self.clock.now())
+        await self._fire(conversation_id)
+        return await self.status(conversation_id)
+
+    async def status(self, conversation_id: str) -> Status:
+        """Where the conversation's latest run stands."""
+        row = await self.store.get(conversation_id)
+        if row is None:
+            raise UnknownConversationError(conversation_id)
+        return Status(
+            conversation_id=row.id, dialog=row.dialog, state=row.state, wake_at=row.wake_at,
+            result=row.result, error=row.error, run=row.run, last_seq=row.last_seq,
+        )  # fmt: skip
+
+    async def transcript(self, conversation_id: str) -> list[TranscriptEntry]:
+        """Every message of every run, both directions, in log order.
+
+        A scheduled send appears when it was delivered (at that instant, with
+        ``due_at`` in its metadata); a cancelled one never does.
+        """
+        events = await self.store.load(conversation_id)
+        if not events and await self.store.get(conversation_id) is None:
+            raise UnknownConversationError(conversation_id)
+        scheduled: dict[str, Sent] = {}
+        entries: list[TranscriptEntry] = []
+        for event in events:
+            if isinstance(event, Sent):
+                mid = message_id(conversation_id, event.seq)
+                if event.due_at is None:
+                    entries.append(
+                        TranscriptEntry(id=mid, direction="out", text=event.text, at=event.at, metadata=event.metadata)
+                    )
+                else:
+                    scheduled[mid] = event
+            elif isinstance(event, Delivered) and event.message_id in scheduled:
+                sent = scheduled.pop(event.message_id)
+                metadata = {**sent.metadata, "due_at": _iso(sent.due_at)}
+                entries.append(
+                    TranscriptEntry(
+                        id=event.message_id, direction="out", text=sent.text, at=event.at, metadata=metadata
+                    )
+                )
+            elif isinstance(event, ReplyReceived):
+                mid = message_id(conversation_id, event.seq)
+                entries.append(
+                    TranscriptEntry(id=mid, direction="in", text=event.text, at=event.at, metadata=event.metadata)
+                )
+        return entries
+
+    # -- internals -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _lock(self, conversation_id: str) -> AsyncIterator[None]:
+        """Serialise this runner's own work on one conversation; no state outlives the work."""
+        lock = self._locks.get(conversation_id)
+        if lock is None:
+            lock = self._locks[conversation_id] = anyio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(conversation_id, None)
+
+    async def _acquire(self, conversation_id: str, row: ConversationRow, now: datetime) -> ConversationRow | None:
+        steal = row.lease_owner if row.lease_owner and _owner_is_dead(row.lease_owner) else None
+        return await self.store.acquire(conversation_id, self.owner, now + self.lease, now, steal_from=steal)
+
+    async def _append_unleased(self, conversation_id: str, text: str, metadata: dict[str, Any]) -> bool:
+        """Make a reply durable while another runner holds the conversation; it will advance it."""
+        row = await self.store.get(conversation_id)
+        if row is None:
+            raise UnknownConversationError(conversation_id)
+        if row.lease_owner is None:
+            return False  # freed meanwhile: claim it instead
+        events = await self.store.load(conversation_id, row.last_seq)
+        last_seq = events[-1].seq if events else row.last_seq
+        reply = ReplyReceived(seq=last_seq + 1, at=self.clock.now(), text=text, metadata=metadata)
+        try:
+            await self.store.append(conversation_id, [reply], RowUpdate(needs_advance=True), self.clock.now())
+        except ConflictError:
+            await anyio.sleep(0.001)
+            return False
+        self._changed.set()
+        return True
+
+    async def _fire(self, conversation_id: str) -> None:
+        async with self._lock(conversation_id):
+            now = self.clock.now()
+            row = await self.store.get(conversation_id)
+            if row is None:
+                return
+            leased = await self._acquire(conversation_id, row, now)
+            if leased is None:
+                return
+            try:
+                execution = await self._execution(leased)
+            except BaseException:
+                await self.store.release(conversation_id, self.owner, None)
+                raise
+            if leased.parked and not leased.needs_advance:
+                await self._release(conversation_id, execution)
+                return
+            for _ in range(_MAX_ATTEMPTS):
+                try:
+                    await self._advance_and_release(conversation_id, execution, leased)
+                    return
+                except ConflictError:
+                    current = await self.store.get(conversation_id)
+                    if current is None or current.lease_owner != self.owner:
+                        return
+                    leased, execution = current, await self._execution(current)
+
+    async def _execution(self, row: ConversationRow) -> Execution:
+        """The conversation's execution, from the cache if it is current, else replayed from the log."""
+        cached = self._cache.pop(row.id, None)
+        if cached is not None:
+            if cached.started.seq == row.run_seq and cached.last_seq <= row.last_seq:
+                if cached.last_seq < row.last_seq:
+                    cached.extend(await self.store.load(row.id, cached.last_seq))
+                return cached
+            await cached.close()
+        events = await self.store.load(row.id)
+        start_at = max((i for i, e in enumerate(events) if isinstance(e, Started)), default=None)
+        if start_at is None:
+            raise UnknownConversationError(row.id)
+        started = events[start_at]
+        assert isinstance(started, Started)
+        execution = Execution.begin(row.id, lookup(started.dialog), started, events[:start_at])
+        execution.extend(events[start_at + 1 :])
+        return execution
+
+    async def _advance_and_release(
+        self, conversation_id: str, execution: Execution, row: ConversationRow | None = None
+    ) -> Status:
+        """Advance, append, hand off, and release the lease; go again if input arrived meanwhile."""
+        stale = row is not None and (row.parked or row.needs_advance or row.state != execution.state)
+        try:
+            while True:
+                await self._advance(conversation_id, execution, stale)
+                if await self._release(conversation_id, execution):
+                    break
+                current = await self.store.get(conversation_id)
+                if current is None or current.lease_owner != self.owner:
+                    await self._forget(conversation_id, execution)
+                    break
+                stale = True
+                execution.extend(await self.store.load(conversation_id, execution.last_seq))
+        except BaseException:
+            await self._forget(conversation_id, execution)
+            await self.store.release(conversation_id, self.owner, None)
+            raise
+        self._keep(conversation_id, execution)
+        return await self.status(conversation_id)
+
+    async def _release(self, conversation_id: str, execution: Execution) -> bool:
+        released = await self.store.release(conversation_id, self.owner, execution.last_seq)
+        if not released:
+            return False
+        return True
+
+    async def _advance(self, conversation_id: str, execution: Execution, row_stale: bool) -> None:
+        now = self.clock.now()
+        while True:
+            try:
+                outcome = await execution.advance(now)
+            except NondeterminismError as exc:
+                inputs = [e for e in execution.take_new_events() if e.kind in INPUT_KINDS]
+                update = RowUpdate(
+                    state="failed", parked=True, error=f"NondeterminismError: {exc}", needs_advance=False,
+                    clear=frozenset({"wake_at"}),
+                )  # fmt: skip
+                await self.store.append(conversation_id, inputs, update, now)
+                await self._forget(conversation_id, execution)
+                raise
+            if outcome.call is None:
+                break
+            await self._flush(conversation_id, execution, now, outcome.events)
+            await self._hand_off(conversation_id, execution, now)
+            await self.store.acquire(conversation_id, self.owner, self.clock.now() + self.lease, now)
+            result, error, attempts = await self._run_call(conversation_id, execution, outcome.call)
+            now = self.clock.now()
+            execution.record_call(result, error, now, attempts)
+        wrote = await self._flush(conversation_id, execution, now, outcome.events)
+        await self._hand_off(conversation_id, execution, now)
+        if row_stale and not wrote:
+            await self._flush(conversation_id, execution, now, [], force=True)
+
+    async def _flush(
+        self, conversation_id: str, execution: Execution, now: datetime, events: list[Event], *, force: bool = False
+    ) -> bool:
+        """Append ``events`` with the row they imply; False if there was nothing to write."""
+        if not events and not force:
+            return False
+        wake_at = execution.wake_at()
+        update = RowUpdate(
+            state=execution.state, wake_at=wake_at, needs_advance=False, parked=False,
+            result=execution.result, error=str(execution.error) if execution.error else None,
+            clear=frozenset({"wake_at", "result", "error"}),
+        )  # fmt: skip
+        try:
+            await self.store.append(conversation_id, events, update, now)
+        except ConflictError:
+            await self._forget(conversation_id, execution)
+            raise
+        self._carried.pop(conversation_id, None)
+        if wake_at is not None:
+            self._changed.set()
+        return True
+
+    async def _hand_off(self, conversation_id: str, execution: Execution, now: datetime) -> None:
+        due = execution.due_messages(now)
+        if not due:
+            return
+        handed: list[str] = []
+        for sent in due:
+            mid = message_id(conversation_id, sent.seq)
+            metadata = dict(sent.metadata)
+            if sent.due_at is not None:
+                metadata["due_at"] = _iso(sent.due_at)
+            message = Message(
+                id=mid, conversation_id=conversation_id, text=sent.text,
+                at=sent.due_at or sent.at, to=sent.to, metadata=metadata,
+            )  # fmt: skip
+            if self.channel is not None:
+                try:
+                    await self.channel.deliver(message)
+                except Exception:
+                    log.exception("channel refused message %s; it stays queued", mid)
+                    break
+            handed.append(mid)
+        if handed:
+            await self._flush(conversation_id, execution, now, execution.mark_delivered(handed, self.clock.now()))
+
+    async def _run_call(
+        self, conversation_id: str, execution: Execution, effect: Call
+    ) -> tuple[Any, BaseException | None, int]:
+        carried = self._carried.pop(conversation_id, None)
+        if carried is not None and carried[0] == effect.name:
+            return carried[1]
+        delay = effect.retry_delay
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if inspect.iscoroutinefunction(effect.fn):
+                    result = await effect.fn(*effect.arguments, **effect.keywords)
+                else:
+                    result = await anyio.to_thread.run_sync(partial(effect.fn, *effect.arguments, **effect.keywords))
+                    if inspect.isawaitable(result):
+                        result = await result
+                outcome: tuple[Any, BaseException | None, int] = (result, None, attempt)
+                break
+            except Exception as exc:
+                if attempt > effect.retries:
+                    outcome = (None, exc, attempt)
+                    break
+                await anyio.sleep(delay)
+                delay *= 2
+        # Kept until the result is durable: if the append conflicts, the retry reuses it.
+        self._carried[conversation_id] = (effect.name, outcome)
+        return outcome
+
+    def _keep(self, conversation_id: str, execution: Execution) -> None:
+        if self.cache_size <= 0 or (execution.ended and not execution.outbox):
+            self._cache.pop(conversation_id, None)
+            return
+        self._cache[conversation_id] = execution
+        self._cache.move_to_end(conversation_id)
+        while len(self._cache) > self.cache_size:
+            _, evicted = self._cache.popitem(last=False)
+            evicted.frames.clear()  # generators are closed by the garbage collector
+
+    async def _forget(self, conversation_id: str, execution: Execution | None = None) -> None:
+        cached = self._cache.pop(conversation_id, None)
+        for dropped in {id(x): x for x in (cached, execution) if x is not None}.values():
+            await dropped.close()
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True when ``owner`` names a process on this host that no longer runs (its lease can be taken now)."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -1,0 +1,124 @@
+"""The ``Store`` protocol: an append-only event log plus a rebuildable index.
+
+The log (``events``) is the truth. The conversation row is an index the
+runner keeps beside it: current state, when it next wakes, the last sequence
+number, and the lease that says which runner is advancing it. Every store
+enforces one writer per sequence number with a unique key on
+``(conversation_id, seq)`` and raises :class:`~dynaprompt.errors.ConflictError`
+when it is taken. Leases change through single-row compare-and-set updates.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, JsonValue
+
+from dynaprompt.events import Event
+from dynaprompt.models import State
+
+__all__ = ["ConversationRow", "RowUpdate", "Store"]
+
+
+class ConversationRow(BaseModel):
+    """The index record of one conversation (its latest run)."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    dialog: str
+    state: State = "running"
+    wake_at: datetime | None = None
+    last_seq: int = 0
+    run: int = 1
+    run_seq: int = 1
+    result: JsonValue = None
+    error: str | None = None
+    parked: bool = False
+    needs_advance: bool = False
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    updated_at: datetime
+    tz: str = "UTC"
+
+
+class RowUpdate(BaseModel):
+    """Fields of a conversation row to set with an append; ``None`` leaves a field alone
+    except where ``clear`` names it."""
+
+    model_config = ConfigDict(frozen=True)
+    dialog: str | None = None
+    state: State | None = None
+    wake_at: datetime | None = None
+    run: int | None = None
+    run_seq: int | None = None
+    result: JsonValue = None
+    error: str | None = None
+    parked: bool | None = None
+    needs_advance: bool | None = None
+    tz: str | None = None
+    clear: frozenset[str] = frozenset()
+
+    def apply(self, row: ConversationRow, last_seq: int, now: datetime) -> ConversationRow:
+        changes: dict[str, object] = {"last_seq": last_seq, "updated_at": now}
+        for name in (
+            "dialog",
+            "state",
+            "wake_at",
+            "run",
+            "run_seq",
+            "result",
+            "error",
+            "parked",
+            "needs_advance",
+            "tz",
+        ):
+            value = getattr(self, name)
+            if value is not None or name in self.clear:
+                changes[name] = value
+        return row.model_copy(update=changes)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the runner needs of a store. Run :func:`dynaprompt.testing.check_store` on yours."""
+
+    url: str
+
+    async def get(self, conversation_id: str) -> ConversationRow | None:
+        """The conversation's index row, or None."""
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Event]:
+        """The conversation's events with ``seq > after_seq``, in order, validated."""
+
+    async def create(self, row: ConversationRow, events: list[Event]) -> None:
+        """Insert a new conversation's row and first events; ``ConflictError`` if the id exists."""
+
+    async def append(
+        self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        """Append events (the first must be ``last_seq + 1``) and update the row; return the new row.
+
+        ``ConflictError`` when another writer already holds one of the sequence
+        numbers; nothing is written then.
+        """
+
+    async def acquire(
+        self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
+    ) -> ConversationRow | None:
+        """Take the lease if it is free, expired, ours, or held by ``steal_from``; the row, or None."""
+
+    async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
+        """Drop our lease if the log still ends at ``last_seq`` (None: wherever); False if it moved or was not ours."""
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
+        """Ids whose ``wake_at <= now`` or that have unconsumed input, lease free or expired, soonest first."""
+
+    async def next_wake_at(self) -> datetime | None:
+        """The earliest ``wake_at`` of any conversation."""
+
+    async def conversations(self, state: State | None = None) -> list[ConversationRow]:
+        """Every conversation's row, optionally only those in ``state``."""
+
+    async def close(self) -> None:
+        """Release the store's resources."""

@@ -1,0 +1,241 @@
+"""``sqlite:///path/to.db``: the embedded default store (standard library ``sqlite3``).
+
+WAL mode, one connection, statements run inline on the event loop: each is a
+few microseconds to a few hundred, less than handing it to a thread would
+cost. The unique primary key ``(conversation_id, seq)`` makes one writer win;
+an append and its row update commit in one transaction.
+
+Durability: with ``synchronous=NORMAL`` (the default) a committed write
+survives the process being killed, and may be lost with the last commits on
+power loss; ``?synchronous=full`` in the URL makes every commit survive power
+loss too, at the disk's fsync rate.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from dynaprompt.errors import ConflictError, StoreUnavailableError
+from dynaprompt.events import Event, event_from_json, event_to_json
+from dynaprompt.models import State
+from dynaprompt.stores.base import ConversationRow, RowUpdate
+
+__all__ = ["SQLiteStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    conversation_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    dialog TEXT NOT NULL,
+    state TEXT NOT NULL,
+    wake_at REAL,
+    last_seq INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    run_seq INTEGER NOT NULL,
+    result TEXT,
+    error TEXT,
+    parked INTEGER NOT NULL DEFAULT 0,
+    needs_advance INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until REAL,
+    updated_at REAL NOT NULL,
+    tz TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_wake ON conversations (wake_at) WHERE wake_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS conversations_attention ON conversations (needs_advance, lease_owner)
+    WHERE needs_advance = 1 OR lease_owner IS NOT NULL;
+"""
+
+Statement = tuple[str, tuple[object, ...]]
+
+_COLUMNS = (
+    "id, dialog, state, wake_at, last_seq, run, run_seq, result, error, parked, "
+    "needs_advance, lease_owner, lease_until, updated_at, tz"
+)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class SQLiteStore:
+    """An event log in one SQLite file (created with its folder if missing)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        path = parts.path[1:] if parts.netloc == "" and parts.path.startswith("/") else parts.netloc + parts.path
+        if url.startswith("sqlite:////"):
+            path = "/" + url[len("sqlite:////") :].split("?")[0]
+        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        synchronous = options.get("synchronous", "normal").upper()
+        if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise StoreUnavailableError(url, f"synchronous must be normal or full, not {synchronous.lower()!r}")
+        self.path = path
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(url, str(exc)) from exc
+
+    def _write(self, statements: list[Statement] | Callable[[], list[Statement]]) -> None:
+        """Run statements in one immediate transaction; a callable builds them inside it."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements() if callable(statements) else statements:
+                db.execute(sql, params)
+            self._commit()
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    async def get(self, conversation_id: str) -> ConversationRow | None:
+        found = self._db.execute(f"SELECT {_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return None if found is None else self._row(found)
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT seq, body FROM events WHERE conversation_id = ? AND seq > ? ORDER BY seq",
+            (conversation_id, after_seq),
+        ).fetchall()
+        return [event_from_json(conversation_id, seq, body) for seq, body in rows]
+
+    async def create(self, row: ConversationRow, events: list[Event]) -> None:
+        last_seq = events[-1].seq if events else 0
+        statements = [
+            (f"INSERT INTO conversations ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", self._params(row, last_seq))
+        ]
+        statements += self._event_inserts(row.id, events)
+        try:
+            self._write(statements)
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(row.id, events[0].seq if events else 1) from exc
+
+    async def append(
+        self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        written: list[ConversationRow] = []
+
+        def build() -> list[Statement]:
+            found = self._db.execute(
+                f"SELECT {_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+            assert found is not None, f"append to unknown conversation {conversation_id!r}"
+            current = self._row(found)
+            last_seq = events[-1].seq if events else current.last_seq
+            row = update.apply(current, max(last_seq, current.last_seq), now)
+            written.append(row)
+            return [*self._event_inserts(conversation_id, events), self._update(row)]
+
+        try:
+            self._write(build)
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(conversation_id, events[0].seq if events else 0) from exc
+        return written[-1]
+
+    def _update(self, row: ConversationRow) -> Statement:
+        return (
+                "UPDATE conversations SET dialog=?, state=?, wake_at=?, last_seq=MAX(last_seq, ?), run=?, run_seq=?, "
+                "result=?, error=?, parked=?, needs_advance=?, updated_at=?, tz=? WHERE id=?",
+                (
+                    row.dialog, row.state, _ts(row.wake_at), row.last_seq, row.run, row.run_seq,
+                    json.dumps(row.result), row.error, int(row.parked), int(row.needs_advance),
+                    _ts(row.updated_at), row.tz, row.id,
+                ),
+            )  # fmt: skip
+
+    def _event_inserts(self, conversation_id: str, events: list[Event]) -> list[Statement]:
+        return [
+            (
+                "INSERT INTO events (conversation_id, seq, body) VALUES (?, ?, ?)",
+                (conversation_id, e.seq, event_to_json(e)),
+            )
+            for e in events
+        ]
+
+    async def acquire(
+        self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
+    ) -> ConversationRow | None:
+        found = self._db.execute(
+            f"UPDATE conversations SET lease_owner = ?, lease_until = ? WHERE id = ? AND (lease_owner IS NULL "
+            f"OR lease_owner = ? OR lease_owner = ? OR lease_until <= ?) RETURNING {_COLUMNS}",
+            (owner, _ts(until), conversation_id, owner, steal_from or owner, _ts(now)),
+        ).fetchone()
+        return None if found is None else self._row(found)
+
+    async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
+        cursor = self._db.execute(
+            "UPDATE conversations SET lease_owner = NULL, lease_until = NULL "
+            "WHERE id = ? AND lease_owner = ? AND (? IS NULL OR last_seq = ?)",
+            (conversation_id, owner, last_seq, last_seq),
+        )
+        return cursor.rowcount == 1
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
+        stamp = _ts(now)
+        rows = self._db.execute(
+            "SELECT id FROM ("
+            " SELECT id, wake_at AS at, lease_owner, lease_until FROM conversations WHERE wake_at <= ?"
+            " UNION SELECT id, 0 AS at, lease_owner, lease_until FROM conversations"
+            "  WHERE needs_advance = 1 OR lease_owner IS NOT NULL"
+            ") WHERE lease_owner IS NULL OR lease_until <= ? GROUP BY id ORDER BY MIN(at) LIMIT ?",
+            (stamp, stamp, limit),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    async def next_wake_at(self) -> datetime | None:
+        found = self._db.execute("SELECT MIN(wake_at) FROM conversations WHERE wake_at IS NOT NULL").fetchone()
+        return _dt(found[0]) if found else None
+
+    async def conversations(self, state: State | None = None) -> list[ConversationRow]:
+        if state is None:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM conversations ORDER BY id").fetchall()
+        else:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM conversations WHERE state = ? ORDER BY id", (state,)
+            ).fetchall()
+        return [self._row(found) for found in rows]
+
+    async def close(self) -> None:
+        self._db.close()
+
+    def _params(self, row: ConversationRow, last_seq: int) -> tuple[object, ...]:
+        return (
+            row.id, row.dialog, row.state, _ts(row.wake_at), last_seq, row.run, row.run_seq,
+            json.dumps(row.result), row.error, int(row.parked), int(row.needs_advance),
+            row.lease_owner, _ts(row.lease_until), _ts(row.updated_at), row.tz,
+        )  # fmt: skip
+
+    @staticmethod
+    def _row(found: Any) -> ConversationRow:
+        (cid, dialog_name, state, wake_at, last_seq, run, run_seq, result, error, parked,
+         needs_advance, lease_owner, lease_until, updated_at, tz) = found  # fmt: skip
+        return ConversationRow.model_construct(
+            id=cid, dialog=dialog_name, state=state, wake_at=_dt(wake_at), last_seq=last_seq, run=run,
+            run_seq=run_seq, result=json.loads(result) if result is not None else None, error=error,
+            parked=bool(parked), needs_advance=bool(needs_advance), lease_owner=lease_owner,
+            lease_until=_dt(lease_until), updated_at=datetime.fromtimestamp(updated_at, UTC), tz=tz,
+        )  # fmt: skip
