@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 from dynaprompt.events import Event
 from dynaprompt.models import State
 
-__all__ = ["ConversationRow", "RowUpdate", "Store"]
+__all__ = ["ConversationRow", "RowUpdate", "ScheduleRow", "Store"]
 
 
 class ConversationRow(BaseModel):
@@ -79,6 +79,33 @@ class RowUpdate(BaseModel):
         return row.model_copy(update=changes)
 
 
+class ScheduleRow(BaseModel):
+    """A scheduled conversation: which dialog, which conversation, when next.
+
+    ``every`` is the recurrence as the user wrote it (a cron expression or a
+    phrase); ``next_at`` is the next occurrence (None once a one-off fired).
+    The lease fields let exactly one runner fire an occurrence.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    dialog: str
+    conversation_id: str
+    args: list[JsonValue] = []
+    kwargs: dict[str, JsonValue] = {}
+    tz: str = "UTC"
+    every: str | None = None
+    next_at: datetime | None = None
+    missed: str = "run_late"
+    grace_seconds: float = 3600.0
+    overlap: str = "skip"
+    created_at: datetime
+    fired: int = 0
+    last_fired_at: datetime | None = None
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+
+
 @runtime_checkable
 class Store(Protocol):
     """What the runner needs of a store. Run :func:`dynaprompt.testing.check_store` on yours."""
@@ -115,10 +142,33 @@ class Store(Protocol):
         """Ids whose ``wake_at <= now`` or that have unconsumed input, lease free or expired, soonest first."""
 
     async def next_wake_at(self) -> datetime | None:
-        """The earliest ``wake_at`` of any conversation."""
+        """The earliest ``wake_at`` of any conversation or ``next_at`` of any schedule."""
 
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:
         """Every conversation's row, optionally only those in ``state``."""
+
+    async def put_schedule(self, schedule: ScheduleRow) -> None:
+        """Insert a schedule; ``ConflictError`` if its id exists."""
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRow | None:
+        """One schedule, or None."""
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        """Every schedule, soonest ``next_at`` first (those with none last)."""
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Remove a schedule; False if there was none."""
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[ScheduleRow]:
+        """Schedules with ``next_at <= now`` whose lease is free or expired, soonest first."""
+
+    async def claim_schedule(self, schedule_id: str, owner: str, until: datetime, now: datetime) -> ScheduleRow | None:
+        """Take a schedule's lease (free, ours, or expired) in one atomic update; the row, or None."""
+
+    async def finish_schedule(
+        self, schedule_id: str, owner: str, next_at: datetime | None, fired: int, last_fired_at: datetime | None
+    ) -> bool:
+        """If ``owner`` holds the lease: set ``next_at``/``fired``/``last_fired_at`` and drop the lease; else False."""
 
     async def close(self) -> None:
         """Release the store's resources."""

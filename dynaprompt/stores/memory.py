@@ -7,7 +7,7 @@ from datetime import datetime
 from dynaprompt.errors import ConflictError
 from dynaprompt.events import Event
 from dynaprompt.models import State
-from dynaprompt.stores.base import ConversationRow, RowUpdate
+from dynaprompt.stores.base import ConversationRow, RowUpdate, ScheduleRow
 
 __all__ = ["MemoryStore"]
 
@@ -19,6 +19,7 @@ class MemoryStore:
         self.url = url
         self._rows: dict[str, ConversationRow] = {}
         self._events: dict[str, list[Event]] = {}
+        self._schedules: dict[str, ScheduleRow] = {}
 
     async def get(self, conversation_id: str) -> ConversationRow | None:
         return self._rows.get(conversation_id)
@@ -83,10 +84,64 @@ class MemoryStore:
 
     async def next_wake_at(self) -> datetime | None:
         times = [row.wake_at for row in self._rows.values() if row.wake_at is not None]
+        times += [row.next_at for row in self._schedules.values() if row.next_at is not None]
         return min(times) if times else None
 
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:
         return [row for row in self._rows.values() if state is None or row.state == state]
 
+    async def put_schedule(self, schedule: ScheduleRow) -> None:
+        if schedule.id in self._schedules:
+            raise ConflictError(schedule.id, 0)
+        self._schedules[schedule.id] = schedule
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRow | None:
+        return self._schedules.get(schedule_id)
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        return sorted(self._schedules.values(), key=_schedule_order)
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        return self._schedules.pop(schedule_id, None) is not None
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[ScheduleRow]:
+        due = [
+            row
+            for row in self._schedules.values()
+            if row.next_at is not None
+            and row.next_at <= now
+            and (row.lease_owner is None or (row.lease_until is not None and row.lease_until <= now))
+        ]
+        return sorted(due, key=_schedule_order)[:limit]
+
+    async def claim_schedule(self, schedule_id: str, owner: str, until: datetime, now: datetime) -> ScheduleRow | None:
+        row = self._schedules.get(schedule_id)
+        if row is None:
+            return None
+        expired = row.lease_until is not None and row.lease_until <= now
+        if row.lease_owner not in (None, owner) and not expired:
+            return None
+        row = row.model_copy(update={"lease_owner": owner, "lease_until": until})
+        self._schedules[schedule_id] = row
+        return row
+
+    async def finish_schedule(
+        self, schedule_id: str, owner: str, next_at: datetime | None, fired: int, last_fired_at: datetime | None
+    ) -> bool:
+        row = self._schedules.get(schedule_id)
+        if row is None or row.lease_owner != owner:
+            return False
+        self._schedules[schedule_id] = row.model_copy(
+            update={
+                "next_at": next_at, "fired": fired, "last_fired_at": last_fired_at,
+                "lease_owner": None, "lease_until": None,
+            }
+        )  # fmt: skip
+        return True
+
     async def close(self) -> None:
         return None
+
+
+def _schedule_order(row: ScheduleRow) -> tuple[bool, datetime | None, str]:
+    return (row.next_at is None, row.next_at, row.id)

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 from dynaprompt.errors import ConflictError, StoreUnavailableError
 from dynaprompt.events import Event, event_from_json, event_to_json
 from dynaprompt.models import State
-from dynaprompt.stores.base import ConversationRow, RowUpdate
+from dynaprompt.stores.base import ConversationRow, RowUpdate, ScheduleRow
 
 __all__ = ["SQLiteStore"]
 
@@ -52,6 +52,14 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated_at REAL NOT NULL,
     tz TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedules (
+    id TEXT PRIMARY KEY,
+    next_at REAL,
+    lease_owner TEXT,
+    lease_until REAL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS schedules_next ON schedules (next_at) WHERE next_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS conversations_wake ON conversations (wake_at) WHERE wake_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS conversations_attention ON conversations (needs_advance, lease_owner)
     WHERE needs_advance = 1 OR lease_owner IS NOT NULL;
@@ -207,8 +215,87 @@ class SQLiteStore:
         return [row[0] for row in rows]
 
     async def next_wake_at(self) -> datetime | None:
-        found = self._db.execute("SELECT MIN(wake_at) FROM conversations WHERE wake_at IS NOT NULL").fetchone()
+        found = self._db.execute(
+            "SELECT MIN(at) FROM (SELECT MIN(wake_at) AS at FROM conversations WHERE wake_at IS NOT NULL"
+            " UNION ALL SELECT MIN(next_at) AS at FROM schedules WHERE next_at IS NOT NULL)"
+        ).fetchone()
         return _dt(found[0]) if found else None
+
+    # Schedules: the row is stored whole as JSON (validated on read); the columns
+    # beside it are what the due query and the lease compare-and-set need.
+
+    async def put_schedule(self, schedule: ScheduleRow) -> None:
+        try:
+            self._write(
+                [
+                    (
+                        "INSERT INTO schedules (id, next_at, lease_owner, lease_until, body) VALUES (?, ?, ?, ?, ?)",
+                        (schedule.id, _ts(schedule.next_at), None, None, schedule.model_dump_json()),
+                    )
+                ]
+            )
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(schedule.id, 0) from exc
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRow | None:
+        found = self._db.execute(
+            "SELECT body, lease_owner, lease_until FROM schedules WHERE id = ?", (schedule_id,)
+        ).fetchone()
+        return None if found is None else self._schedule(found)
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        rows = self._db.execute(
+            "SELECT body, lease_owner, lease_until FROM schedules ORDER BY next_at IS NULL, next_at, id"
+        ).fetchall()
+        return [self._schedule(found) for found in rows]
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        return self._db.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,)).rowcount == 1
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[ScheduleRow]:
+        stamp = _ts(now)
+        rows = self._db.execute(
+            "SELECT body, lease_owner, lease_until FROM schedules WHERE next_at <= ? "
+            "AND (lease_owner IS NULL OR lease_until <= ?) ORDER BY next_at, id LIMIT ?",
+            (stamp, stamp, limit),
+        ).fetchall()
+        return [self._schedule(found) for found in rows]
+
+    async def claim_schedule(self, schedule_id: str, owner: str, until: datetime, now: datetime) -> ScheduleRow | None:
+        found = self._db.execute(
+            "UPDATE schedules SET lease_owner = ?, lease_until = ? WHERE id = ? "
+            "AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?) RETURNING body, lease_owner, lease_until",
+            (owner, _ts(until), schedule_id, owner, _ts(now)),
+        ).fetchone()
+        return None if found is None else self._schedule(found)
+
+    async def finish_schedule(
+        self, schedule_id: str, owner: str, next_at: datetime | None, fired: int, last_fired_at: datetime | None
+    ) -> bool:
+        found = self._db.execute(
+            "SELECT body, lease_owner, lease_until FROM schedules WHERE id = ? AND lease_owner = ?",
+            (schedule_id, owner),
+        ).fetchone()
+        if found is None:
+            return False
+        row = self._schedule(found).model_copy(
+            update={
+                "next_at": next_at, "fired": fired, "last_fired_at": last_fired_at,
+                "lease_owner": None, "lease_until": None,
+            }
+        )  # fmt: skip
+        cursor = self._db.execute(
+            "UPDATE schedules SET next_at = ?, lease_owner = NULL, lease_until = NULL, body = ? "
+            "WHERE id = ? AND lease_owner = ?",
+            (_ts(next_at), row.model_dump_json(), schedule_id, owner),
+        )
+        return cursor.rowcount == 1
+
+    @staticmethod
+    def _schedule(found: Any) -> ScheduleRow:
+        body, lease_owner, lease_until = found
+        row = ScheduleRow.model_validate_json(body)
+        return row.model_copy(update={"lease_owner": lease_owner, "lease_until": _dt(lease_until)})
 
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:
         if state is None:
