@@ -91,8 +91,8 @@ class ScheduleRow(BaseModel):
     id: str
     dialog: str
     conversation_id: str
-    args: list[JsonValue] = []
-    kwargs: dict[str, JsonValue] = {}
+    dialog_args: list[JsonValue] = []
+    dialog_kwargs: dict[str, JsonValue] = {}
     tz: str = "UTC"
     every: str | None = None
     next_at: datetime | None = None
