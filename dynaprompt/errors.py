@@ -11,7 +11,9 @@ The tree::
     ├── InvalidInputError          user input the library refuses
     │   ├── NotTextError           a message whose text is not a str
     │   ├── MessageTooLargeError   a message over the runner's size limit
-    │   └── NotJSONError           dialog arguments or results that are not JSON-compatible
+    │   ├── NotJSONError           dialog arguments or results that are not JSON-compatible
+    │   ├── RecurrenceError        an ``every=`` phrase or cron expression not understood
+    │   └── ScheduleError          a schedule that cannot be (past ``at``, too frequent, ...)
     ├── ConversationError
     │   ├── UnknownConversationError
     │   ├── ConversationExistsError   start() of an id that has a live run
@@ -38,6 +40,8 @@ __all__ = [
     "MissingExtraError",
     "NondeterminismError",
     "NotJSONError",
+    "RecurrenceError",
+    "ScheduleError",
     "NotTextError",
     "StoreError",
     "StoreUnavailableError",
@@ -136,6 +140,22 @@ class NotJSONError(InvalidInputError, TypeError):
 
     def __init__(self, what: str, detail: str) -> None:
         super().__init__(f"{what} must be JSON-compatible: {detail}")
+
+
+class RecurrenceError(InvalidInputError):
+    """An ``every=`` recurrence that is neither a known phrase nor a cron expression.
+
+    Raised by ``Runner.schedule()``; the docs list the phrases understood.
+    """
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        super().__init__(f"could not understand the recurrence {text!r}: {reason}")
+
+
+class ScheduleError(InvalidInputError):
+    """A schedule that cannot be made: ``at`` in the past, neither ``at`` nor ``every``,
+    a recurrence more frequent than the runner's minimum. Raised by ``Runner.schedule()``."""
 
 
 class ConversationError(DynapromptError):

@@ -78,6 +78,8 @@ class Started(_Event):
     kwargs: dict[str, JsonValue] = {}
     tz: str = "UTC"
     run: int = 1
+    schedule_id: str | None = None  # set when a schedule started this run
+    occurrence: datetime | None = None  # the schedule's occurrence it fired for
 
 
 class Sent(_Event):

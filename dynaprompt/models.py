@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 
-__all__ = ["Message", "Reply", "State", "Status", "TranscriptEntry"]
+__all__ = ["Message", "Reply", "Schedule", "State", "Status", "TranscriptEntry"]
 
 State = Literal["running", "waiting_for_reply", "sleeping", "completed", "failed"]
 
@@ -61,3 +61,18 @@ class TranscriptEntry(_Frozen):
     text: str
     at: datetime
     metadata: dict[str, JsonValue] = {}
+
+
+class Schedule(_Frozen):
+    """A scheduled conversation, as ``Runner.schedules()`` lists it."""
+
+    id: str
+    dialog: str
+    conversation_id: str
+    args: list[JsonValue] = []
+    kwargs: dict[str, JsonValue] = {}
+    tz: str
+    every: str | None = None
+    next_at: datetime | None
+    fired: int = 0
+    last_fired_at: datetime | None = None
