@@ -75,7 +75,9 @@ _json: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
 _REPLAYED_ERRORS: dict[str, type[DynapromptError]] = {
     "TimeParseError": TimeParseError,
     "UnknownTimeZoneError": UnknownTimeZoneError,
+    "NotJSONError": NotJSONError,
 }
+_TIME_FIELDS = {"send": "at", "wait_for_reply": "timeout", "sleep": "duration", "sleep_until": "when"}
 
 
 def message_id(conversation_id: str, seq: int) -> str:
@@ -343,12 +345,7 @@ class Execution:
 
     def _replay_result(self, recorded: Event, effect: Effect) -> None:
         if isinstance(recorded, EffectFailed):
-            error_type = _REPLAYED_ERRORS.get(recorded.error.type)
-            exc: Exception = DynapromptError(recorded.error.message)
-            if error_type is not None:
-                exc = error_type.__new__(error_type)
-                Exception.__init__(exc, recorded.error.message)
-            self._feed = (None, exc)
+            self._feed = (None, _replayed_error(recorded, effect))
         elif isinstance(recorded, Sent):
             self._feed = (message_id(self.conversation_id, recorded.seq), None)
         elif isinstance(recorded, Waiting | Sleeping):
@@ -499,6 +496,20 @@ class Execution:
         return Reply(
             id=message_id(self.conversation_id, event.seq), text=event.text, at=event.at, metadata=event.metadata
         )
+
+
+def _replayed_error(recorded: EffectFailed, effect: Effect) -> Exception:
+    """The error a failed effect raised, rebuilt from the log with the attributes its constructor sets,
+    so a dialog that reads ``exc.text`` or ``exc.zone`` sees the same thing on replay."""
+    error_type = _REPLAYED_ERRORS.get(recorded.error.type, DynapromptError)
+    exc = error_type.__new__(error_type)
+    Exception.__init__(exc, recorded.error.message)
+    if isinstance(exc, TimeParseError):
+        spec = getattr(effect, _TIME_FIELDS.get(effect.kind, "when"))
+        exc.text = spec if isinstance(spec, str) else repr(spec)
+    elif isinstance(exc, UnknownTimeZoneError):
+        exc.zone = getattr(effect, "zone", "")
+    return exc
 
 
 def _recorded_key(event: Event) -> str:
