@@ -69,8 +69,8 @@ class Schedule(_Frozen):
     id: str
     dialog: str
     conversation_id: str
-    args: list[JsonValue] = []
-    kwargs: dict[str, JsonValue] = {}
+    dialog_args: list[JsonValue] = []
+    dialog_kwargs: dict[str, JsonValue] = {}
     tz: str
     every: str | None = None
     next_at: datetime | None

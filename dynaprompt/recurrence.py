@@ -24,6 +24,7 @@ that month or year, as cron does.
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import datetime, timedelta
 
@@ -54,7 +55,9 @@ _INTERVAL = re.compile(r"^every\s+(?:(?P<n>\d+)\s+)?(?P<unit>minute|min|hour|hr)
 _DAILY = re.compile(rf"^(?:every\s+day|daily|every\s+morning)\s+at\s+{_TIME}$")
 _WEEKDAY = re.compile(rf"^every\s+(?P<which>weekday|weekend)s?\s+at\s+{_TIME}$")
 _DAYNAMES = re.compile(rf"^every\s+(?P<days>[a-z,\s]+?)\s+at\s+{_TIME}$")
-_MONTHLY = re.compile(rf"^every\s+month\s+on\s+the\s+(?:(?P<day>\d{{1,2}})(?:st|nd|rd|th)?|(?P<last>last)\s+day)\s+at\s+{_TIME}$")
+_MONTHLY = re.compile(
+    rf"^every\s+month\s+on\s+the\s+(?:(?P<day>\d{{1,2}})(?:st|nd|rd|th)?|(?P<last>last)\s+day)\s+at\s+{_TIME}$"
+)
 _YEARLY = re.compile(rf"^every\s+year\s+on\s+(?P<month>[a-z]+)\s+(?P<day>\d{{1,2}})(?:st|nd|rd|th)?\s+at\s+{_TIME}$")
 
 
@@ -94,7 +97,7 @@ class Recurrence(BaseModel):
         times = [self.next_after(start, tz)]
         for _ in range(8):
             times.append(self.next_after(times[-1], tz))
-        return min(later - earlier for earlier, later in zip(times, times[1:], strict=False))
+        return min(later - earlier for earlier, later in itertools.pairwise(times))
 
 
 def _time(text: str) -> tuple[int, int]:
@@ -172,7 +175,10 @@ def _phrase_to_cron(phrase: str) -> str | None:
         hour, minute = _time(match.group("time"))
         return f"{minute} {hour} {day} {month} *"
     if match := _DAYNAMES.match(phrase):
-        names = [name.rstrip("s") if name.rstrip("s") in _DAYS else name for name in re.split(r"[,\s]+|\band\b", match.group("days"))]
+        names = [
+            name.rstrip("s") if name.rstrip("s") in _DAYS else name
+            for name in re.split(r"[,\s]+|\band\b", match.group("days"))
+        ]
         names = [name for name in names if name and name != "and"]
         if not names or any(name not in _DAYS for name in names):
             return None

@@ -37,13 +37,15 @@ from dynaprompt.errors import (
     MessageTooLargeError,
     NondeterminismError,
     NotTextError,
+    ScheduleError,
     UnknownConversationError,
 )
-from dynaprompt.events import INPUT_KINDS, Delivered, Event, ReplyReceived, Sent, Started
-from dynaprompt.models import Message, Status, TranscriptEntry
+from dynaprompt.events import INPUT_KINDS, Delivered, ErrorInfo, Event, Failed, ReplyReceived, Sent, Started
+from dynaprompt.models import Message, Schedule, Status, TranscriptEntry
+from dynaprompt.recurrence import parse_recurrence
 from dynaprompt.replay import Execution, message_id, to_json
-from dynaprompt.stores.base import ConversationRow, RowUpdate, Store
-from dynaprompt.timeparse import zone
+from dynaprompt.stores.base import ConversationRow, RowUpdate, ScheduleRow, Store
+from dynaprompt.timeparse import parse_instant, zone
 
 __all__ = ["Runner"]
 
@@ -93,6 +95,10 @@ class Runner:
         lease_seconds: float = 30.0,
         poll_interval: float = 1.0,
         due_batch: int = 256,
+        schedule_overlap: str = "skip",
+        schedule_missed: str = "run_late",
+        schedule_grace: timedelta | float = timedelta(hours=1),
+        min_schedule_interval: timedelta | float = timedelta(minutes=1),
     ) -> None:
         self.store = store
         self.channel = channel
@@ -104,6 +110,14 @@ class Runner:
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_interval = poll_interval
         self.due_batch = due_batch
+        if schedule_overlap not in _OVERLAP:
+            raise ScheduleError(f"schedule_overlap must be one of {', '.join(_OVERLAP)}, not {schedule_overlap!r}")
+        if schedule_missed not in _MISSED:
+            raise ScheduleError(f"schedule_missed must be one of {', '.join(_MISSED)}, not {schedule_missed!r}")
+        self.schedule_overlap = schedule_overlap
+        self.schedule_missed = schedule_missed
+        self.schedule_grace = _seconds(schedule_grace)
+        self.min_schedule_interval = _seconds(min_schedule_interval)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._cache: OrderedDict[str, Execution] = OrderedDict()
         self._locks: dict[str, anyio.Lock] = {}
@@ -136,8 +150,15 @@ class Runner:
         return await self._start(dialog_fn, conversation_id, list(args), kwargs, tz=None)
 
     async def _start(
-        self, dialog_fn: Dialog | str, conversation_id: str, args: list[Any], kwargs: dict[str, Any], tz: str | None
+        self,
+        dialog_fn: Dialog | str,
+        conversation_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        tz: str | None,
+        schedule: tuple[str, datetime] | None = None,
     ) -> Status:
+        schedule_id, occurrence = schedule if schedule is not None else (None, None)
         chosen = dialog_fn if isinstance(dialog_fn, Dialog) else lookup(dialog_fn)
         json_args = to_json(args, f"the arguments of {chosen.name}")
         json_kwargs = to_json(kwargs, f"the keyword arguments of {chosen.name}")
@@ -150,6 +171,7 @@ class Runner:
                 started = Started(
                     seq=1, at=now, dialog=chosen.name, version=chosen.version,
                     args=json_args, kwargs=json_kwargs, tz=conversation_tz, run=1,
+                    schedule_id=schedule_id, occurrence=occurrence,
                 )  # fmt: skip
                 fresh = ConversationRow(
                     id=conversation_id, dialog=chosen.name, last_seq=1, run=1, run_seq=1, updated_at=now,
@@ -171,6 +193,7 @@ class Runner:
                 started = Started(
                     seq=history[-1].seq + 1 if history else 1, at=now, dialog=chosen.name, version=chosen.version,
                     args=json_args, kwargs=json_kwargs, tz=conversation_tz, run=leased.run + 1,
+                    schedule_id=schedule_id, occurrence=occurrence,
                 )  # fmt: skip
                 update = RowUpdate(
                     dialog=chosen.name, state="running", run=started.run, run_seq=started.seq,
@@ -231,6 +254,7 @@ class Runner:
         """Fire every timer and scheduled send that is due now (and pick up stranded work); return how many
         conversations were advanced."""
         now = self.clock.now()
+        await self._fire_schedules(now)
         seen: set[str] = set()
         while True:
             batch = [cid for cid in await self.store.due(now, self.due_batch + len(seen)) if cid not in seen]
@@ -254,8 +278,13 @@ class Runner:
         """
         while True:
             self._changed = anyio.Event()
+            pass_at = self.clock.now()
             await self.run_due()
             next_at = await self.store.next_wake_at()
+            if next_at is not None and next_at <= pass_at:
+                # Due at this pass and still pending (a channel refused a message, or another runner holds it):
+                # retry at the next poll instead of spinning on it.
+                next_at = None
             with anyio.move_on_after(self.poll_interval):
                 async with anyio.create_task_group() as group:
 
@@ -278,6 +307,159 @@ class Runner:
                 await self.store.append(conversation_id, [], RowUpdate(needs_advance=True), self.clock.now())
         await self._fire(conversation_id)
         return await self.status(conversation_id)
+
+    async def schedule(
+        self,
+        dialog_fn: Dialog | str,
+        conversation_id: str,
+        *args: Any,
+        at: datetime | str | None = None,
+        every: str | None = None,
+        tz: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Schedule a conversation once (``at``) or again and again (``every``); return the schedule id.
+
+        ``at`` is an aware datetime or a phrase ("tomorrow at 9am", "in 20
+        minutes") and must lie in the future; ``every`` is a cron expression or
+        a phrase ("every weekday at 10:30", "every 2 hours"; the list is in
+        :mod:`dynaprompt.recurrence`). With both, ``at`` is the first fire and
+        ``every`` the rhythm after it. ``tz`` (default: the runner's) is the
+        zone of both and becomes the conversation's zone. Each fire starts a
+        new run of ``dialog_fn(*args, **kwargs)`` in ``conversation_id``; the
+        runner's ``schedule_overlap``, ``schedule_missed`` and
+        ``schedule_grace`` options say what happens when the previous run is
+        still live or a fire was missed.
+        """
+        chosen = dialog_fn if isinstance(dialog_fn, Dialog) else lookup(dialog_fn)
+        zone_name = tz or self.tz
+        zone(zone_name)
+        now = self.clock.now()
+        json_args = to_json(list(args), f"the arguments of {chosen.name}")
+        json_kwargs = to_json(kwargs, f"the keyword arguments of {chosen.name}")
+        if at is None and every is None:
+            raise ScheduleError("schedule() needs at= (once), every= (recurring), or both")
+        recurrence = parse_recurrence(every) if every is not None else None
+        if recurrence is not None and recurrence.shortest_gap(zone_name, now) < self.min_schedule_interval:
+            raise ScheduleError(
+                f"{every!r} fires more often than the minimum of {self.min_schedule_interval} "
+                "(Runner(min_schedule_interval=...))"
+            )
+        if at is not None:
+            first = parse_instant(at, now, zone_name)
+            if first <= now:
+                raise ScheduleError(f"at={at!r} resolves to {first.isoformat()}, which is not in the future")
+        else:
+            assert recurrence is not None
+            first = recurrence.next_after(now, zone_name)
+        row = ScheduleRow(
+            id=f"sch_{uuid.uuid4().hex[:12]}", dialog=chosen.name, conversation_id=conversation_id,
+            dialog_args=json_args, dialog_kwargs=json_kwargs, tz=zone_name, every=every, next_at=first,
+            missed=self.schedule_missed, grace_seconds=self.schedule_grace.total_seconds(),
+            overlap=self.schedule_overlap, created_at=now,
+        )  # fmt: skip
+        await self.store.put_schedule(row)
+        self._changed.set()
+        return row.id
+
+    async def schedules(self) -> list[Schedule]:
+        """Every schedule with its next fire time, soonest first."""
+        return [
+            Schedule(
+                id=row.id,
+                dialog=row.dialog,
+                conversation_id=row.conversation_id,
+                dialog_args=row.dialog_args,
+                dialog_kwargs=row.dialog_kwargs,
+                tz=row.tz,
+                every=row.every,
+                next_at=row.next_at,
+                fired=row.fired,
+                last_fired_at=row.last_fired_at,
+            )
+            for row in await self.store.list_schedules()
+        ]
+
+    async def unschedule(self, schedule_id: str) -> bool:
+        """Remove a schedule; False if there was none. A run it already started goes on."""
+        return await self.store.delete_schedule(schedule_id)
+
+    async def _fire_schedules(self, now: datetime) -> None:
+        """Fire each due occurrence once, under the schedule's lease, by the schedule's policies."""
+        seen: set[str] = set()
+        while True:
+            batch = [row for row in await self.store.due_schedules(now, self.due_batch) if row.id not in seen]
+            if not batch:
+                return
+            for row in batch:
+                seen.add(row.id)
+                claimed = await self.store.claim_schedule(row.id, self.owner, now + self.lease, now)
+                if claimed is None:
+                    continue
+                try:
+                    await self._fire_schedule(claimed, now)
+                except Exception:
+                    log.exception("schedule %s could not fire", row.id)
+                    await self.store.finish_schedule(
+                        row.id, self.owner, self._next_occurrence(claimed, now), claimed.fired, claimed.last_fired_at
+                    )
+
+    async def _fire_schedule(self, row: ScheduleRow, now: datetime) -> None:
+        occurrence = row.next_at
+        if occurrence is None or occurrence > now:
+            await self.store.finish_schedule(row.id, self.owner, occurrence, row.fired, row.last_fired_at)
+            return
+        grace = timedelta(seconds=row.grace_seconds if row.missed == "run_late" else 60.0)
+        fire = now - occurrence <= grace
+        keep_pending = False
+        current = await self.store.get(row.conversation_id)
+        if current is not None:
+            latest = await self.store.load(row.conversation_id, current.run_seq - 1)
+            started = latest[0] if latest else None
+            if isinstance(started, Started) and started.schedule_id == row.id and started.occurrence == occurrence:
+                fire = False  # a runner that died after starting this occurrence already fired it
+            elif fire and current.state not in _ENDED and not current.parked:
+                if row.overlap == "queue":
+                    fire, keep_pending = False, True
+                elif row.overlap == "replace":
+                    await self._end_run(row.conversation_id, f"replaced by schedule {row.id}")
+                else:
+                    fire = False
+        if fire:
+            await self._start(
+                row.dialog, row.conversation_id, list(row.dialog_args), dict(row.dialog_kwargs), row.tz,
+                schedule=(row.id, occurrence),
+            )  # fmt: skip
+        next_at = occurrence if keep_pending else self._next_occurrence(row, now)
+        fired = row.fired + (1 if fire else 0)
+        last_fired_at = now if fire else row.last_fired_at
+        await self.store.finish_schedule(row.id, self.owner, next_at, fired, last_fired_at)
+        if next_at is None:
+            await self.store.delete_schedule(row.id)
+
+    def _next_occurrence(self, row: ScheduleRow, now: datetime) -> datetime | None:
+        if row.every is None:
+            return None
+        anchor = row.next_at or now
+        return parse_recurrence(row.every).next_after(max(anchor, now), row.tz, anchor=anchor)
+
+    async def _end_run(self, conversation_id: str, reason: str) -> None:
+        """End the live run of a conversation as failed with ``reason`` (schedule overlap "replace")."""
+        async with self._lock(conversation_id):
+            now = self.clock.now()
+            row = await self.store.get(conversation_id)
+            if row is None or row.state in _ENDED:
+                return
+            leased = await self._acquire(conversation_id, row, now)
+            if leased is None:
+                raise ConversationExistsError(conversation_id, "being advanced by another runner")
+            await self._forget(conversation_id)
+            events = await self.store.load(conversation_id, leased.last_seq)
+            last_seq = events[-1].seq if events else leased.last_seq
+            error = ErrorInfo(type="Replaced", message=reason)
+            update = RowUpdate(state="failed", error=str(error), clear=frozenset({"wake_at"}))
+            await self.store.append(conversation_id, [Failed(seq=last_seq + 1, at=now, error=error)], update, now)
+            await self.store.release(conversation_id, self.owner, None)
 
     async def status(self, conversation_id: str) -> Status:
         """Where the conversation's latest run stands."""
@@ -552,6 +734,14 @@ class Runner:
         cached = self._cache.pop(conversation_id, None)
         for dropped in {id(x): x for x in (cached, execution) if x is not None}.values():
             await dropped.close()
+
+
+_OVERLAP = ("skip", "queue", "replace")
+_MISSED = ("run_late", "skip")
+
+
+def _seconds(value: timedelta | float) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=value)
 
 
 def _iso(value: datetime | None) -> str | None:
