@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict
@@ -70,7 +70,7 @@ class Recurrence(BaseModel):
     interval: timedelta | None = None
 
     def next_after(self, after: datetime, tz: str, anchor: datetime | None = None) -> datetime:
-        """The first occurrence strictly after ``after``, in zone ``tz``.
+        """The first occurrence strictly after ``after`` (in UTC), reckoned in zone ``tz``.
 
         An interval counts from ``anchor`` (default: ``after``) in elapsed time.
         """
@@ -78,16 +78,16 @@ class Recurrence(BaseModel):
         if self.interval is not None:
             start = anchor or after
             if start > after:
-                return start.astimezone(zone_info)
+                return start.astimezone(UTC)
             steps = int((after - start) / self.interval) + 1
-            return (start + steps * self.interval).astimezone(zone_info)
+            return (start + steps * self.interval).astimezone(UTC)
         assert self.cron is not None
         local_after = after.astimezone(zone_info).replace(tzinfo=None)
         walls = croniter(self.cron, local_after)
         for _ in range(10_000):
             instant = localize(walls.get_next(datetime), zone_info)
             if instant > after:
-                return instant
+                return instant.astimezone(UTC)
         raise RecurrenceError(self.text, "it never fires")  # pragma: no cover - cron always advances
 
     def shortest_gap(self, tz: str, start: datetime) -> timedelta:

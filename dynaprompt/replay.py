@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import JsonValue, TypeAdapter, ValidationError
+from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 
 from dynaprompt.dialogs import Dialog, Done, Frame
 from dynaprompt.effects import (
@@ -72,6 +72,7 @@ from dynaprompt.timeparse import parse_duration, parse_instant, zone
 __all__ = ["Advance", "Execution", "message_id", "to_json"]
 
 _json: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
+_T = TypeVar("_T", bound=BaseModel)
 _REPLAYED_ERRORS: dict[str, type[DynapromptError]] = {
     "TimeParseError": TimeParseError,
     "UnknownTimeZoneError": UnknownTimeZoneError,
@@ -159,7 +160,7 @@ class Execution:
 
     def input_reply(self, text: str, metadata: dict[str, JsonValue], now: datetime) -> ReplyReceived:
         """Record an inbound message at the next sequence number."""
-        reply = ReplyReceived(seq=self.last_seq + 1, at=now, text=text, metadata=metadata)
+        reply = _as_read_back(ReplyReceived(seq=self.last_seq + 1, at=now, text=text, metadata=metadata))
         self._record_input(reply)
         return reply
 
@@ -318,11 +319,11 @@ class Execution:
                 until = parse_instant(effect.when, now, self.tz)
             else:
                 until = now + parse_duration(effect.duration)
-            self._record(Sleeping(seq=seq, at=now, effect=effect.kind, until=until))
+            self._record(_as_read_back(Sleeping(seq=seq, at=now, effect=effect.kind, until=until)))
             self._pending = _Pending(self.log[-1])  # type: ignore[arg-type]
         elif isinstance(effect, Now):
-            self._record(NowRead(seq=seq, at=now, value=now))
-            self._feed = (now, None)
+            read = self._record(_as_read_back(NowRead(seq=seq, at=now, value=now)))
+            self._feed = (read.value, None)
         elif isinstance(effect, Call):
             self._awaiting_call = effect
         elif isinstance(effect, SubDialog):
@@ -510,6 +511,12 @@ def _replayed_error(recorded: EffectFailed, effect: Effect) -> Exception:
     elif isinstance(exc, UnknownTimeZoneError):
         exc.zone = getattr(effect, "zone", "")
     return exc
+
+
+def _as_read_back(event: _T) -> _T:
+    """``event`` as it will read back from the log, so the warm run hands the dialog the very
+    values (time zones included) that a replay will."""
+    return type(event).model_validate_json(event.model_dump_json())
 
 
 def _recorded_key(event: Event) -> str:
