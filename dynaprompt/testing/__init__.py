@@ -2,5 +2,6 @@
 
 from dynaprompt.channels.base import ListChannel
 from dynaprompt.clock import VirtualClock
+from dynaprompt.testing.conformance import check_store
 
-__all__ = ["ListChannel", "VirtualClock"]
+__all__ = ["ListChannel", "VirtualClock", "check_store"]
