@@ -159,7 +159,8 @@ class Runner:
         schedule: tuple[str, datetime] | None = None,
     ) -> Status:
         schedule_id, occurrence = schedule if schedule is not None else (None, None)
-        chosen = dialog_fn if isinstance(dialog_fn, Dialog) else lookup(dialog_fn)
+        # By name, even when given the object: a replay looks the name up, so the warm run must run that code too.
+        chosen = lookup(dialog_fn.name if isinstance(dialog_fn, Dialog) else dialog_fn)
         json_args = to_json(args, f"the arguments of {chosen.name}")
         json_kwargs = to_json(kwargs, f"the keyword arguments of {chosen.name}")
         conversation_tz = tz or self.tz
