@@ -51,7 +51,9 @@ def test_intervals_are_elapsed_time(phrase: str, seconds: int) -> None:
     assert first - start == timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("phrase", ["every fortnight", "every day", "sometimes", "every day at 25:00", "every blursday at 9am", ""])
+@pytest.mark.parametrize(
+    "phrase", ["every fortnight", "every day", "sometimes", "every day at 25:00", "every blursday at 9am", ""]
+)
 def test_unknown_phrases_are_refused(phrase: str) -> None:
     with pytest.raises(RecurrenceError) as raised:
         parse_recurrence(phrase)
