@@ -1,0 +1,563 @@
+"""``mongodb://host:port/dbname``: the production store, shared by any number of runner processes.
+
+Three collections, plain BSON data, one document per event (no unbounded arrays):
+
+* ``events``: ``{conversation_id, seq, kind, at, ...}``, the event's JSON fields; unique on
+  ``(conversation_id, seq)``, which is what makes one writer win a sequence number.
+* ``conversations``: one index document per conversation, ``_id`` = conversation id.
+* ``schedules``: one document per schedule, ``_id`` = schedule id.
+
+Instants the store queries (``wake_at``, ``lease_until``, ``next_at``, ``updated_at``) are
+int64 microseconds since the Unix epoch: exact and ordered, where a BSON date keeps only
+milliseconds. Event times stay ISO strings inside the event.
+
+No multi-document transactions (a standalone server has none). An append is an ordered
+``insert_many`` of the events followed by one update of the conversation document; a crash
+between the two leaves a valid prefix of the log and a stale row, which :meth:`MongoStore.get`
+repairs from the log (the log is the truth, the row an index rebuilt from it). Leases change
+through ``find_one_and_update`` with a filter: an atomic single-document compare-and-set.
+
+Network failures are retried with backoff a bounded number of times, for reads and for writes
+whose outcome can be checked (an event insert re-reads which of its sequence numbers hold our
+events before trying again); then :class:`~dynaprompt.errors.StoreUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import anyio
+from bson.errors import InvalidDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from dynaprompt.errors import ConflictError, NotJSONError, StoreError, StoreUnavailableError
+from dynaprompt.events import Event, Started, event_from_dict
+from dynaprompt.models import State
+from dynaprompt.stores import mask
+from dynaprompt.stores.base import ConversationRow, RowUpdate, ScheduleRow
+
+__all__ = ["MongoStore"]
+
+T = TypeVar("T")
+Document = dict[str, Any]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_ROW_UPDATE_FIELDS = (
+    "dialog", "state", "wake_at", "run", "run_seq", "result", "error", "parked", "needs_advance", "tz",
+)  # fmt: skip
+_UNKNOWN = object()  # a write check that could not tell whether the write happened
+
+
+def _stamp(value: datetime) -> int:
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _us(value: datetime | None) -> int | None:
+    return None if value is None else _stamp(value)
+
+
+def _dt(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + value * _MICROSECOND
+
+
+def _lease_free(now: int) -> Document:
+    return {"$or": [{"lease_until": None}, {"lease_until": {"$lte": now}}]}
+
+
+class MongoStore:
+    """An event log in a MongoDB database (replica set, sharded cluster, or standalone).
+
+    Open it by URL, which also creates the indexes::
+
+        store = await open_store("mongodb://db1,db2,db3/bot?replicaSet=rs0")
+
+    or hand it a client or database you already have (pymongo's ``AsyncMongoClient`` or
+    ``AsyncDatabase``, or motor's ``AsyncIOMotorClient``/``AsyncIOMotorDatabase``); the
+    indexes are then created on first use, and the store never closes what it was given::
+
+        store = MongoStore(motor_client, "bot")
+
+    Options (keyword-only, also accepted by ``open_store``):
+
+    * ``server_selection_timeout``: seconds to wait for a server on each attempt (5.0;
+      ``serverSelectionTimeoutMS`` in the URL wins). An unreachable server at open raises
+      ``StoreUnavailableError`` naming the URL, password masked, after this long.
+    * ``retries``: how many times an operation that failed on the network is tried again (5).
+    * ``retry_backoff``: the first pause between tries in seconds, doubled each time (0.1).
+    """
+
+    def __init__(
+        self,
+        database_or_client: Any,
+        database_name: str | None = None,
+        *,
+        url: str | None = None,
+        retries: int = 5,
+        retry_backoff: float = 0.1,
+        owns_client: bool = False,
+    ) -> None:
+        # Look on the type: motor's objects answer any attribute name with a collection or database.
+        if hasattr(type(database_or_client), "get_default_database"):  # a client, pymongo's or motor's
+            client = database_or_client
+            if database_name is None:
+                try:
+                    database_name = str(client.get_default_database().name)
+                except PyMongoError:  # the client's URL names no database
+                    database_name = "dynaprompt"
+            database = client[database_name]
+        else:
+            database = database_or_client
+            client = database.client
+        self.database = database
+        self.url = url or f"mongodb://{_seeds(client)}/{database.name}"
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self._client = client
+        self._owns_client = owns_client
+        self._events = database["events"]
+        self._rows = database["conversations"]
+        self._schedules = database["schedules"]
+        self._indexed = False
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        server_selection_timeout: float = 5.0,
+        retries: int = 5,
+        retry_backoff: float = 0.1,
+        **client_options: Any,
+    ) -> MongoStore:
+        """Connect to ``url``, check a server answers, and create the indexes."""
+        if "serverselectiontimeoutms" not in url.lower():
+            client_options.setdefault("serverSelectionTimeoutMS", int(server_selection_timeout * 1000))
+        try:
+            client: AsyncMongoClient[Document] = AsyncMongoClient(url, tz_aware=True, **client_options)
+        except PyMongoError as exc:
+            raise StoreUnavailableError(mask(url), f"bad URL or option: {exc}") from exc
+        store = cls(client, None, url=url, retries=retries, retry_backoff=retry_backoff, owns_client=True)
+        try:
+            await client.admin.command("ping")
+            await store._ensure_indexes()
+        except ConnectionFailure as exc:
+            await client.close()
+            timeout = client_options.get("serverSelectionTimeoutMS", "the URL's serverSelectionTimeoutMS")
+            raise StoreUnavailableError(
+                mask(url), f"no server answered (waited {timeout} ms): {type(exc).__name__}"
+            ) from exc
+        return store
+
+    async def _ensure_indexes(self) -> None:
+        if self._indexed:
+            return
+        await self._events.create_index([("conversation_id", ASCENDING), ("seq", ASCENDING)], unique=True)
+        await self._rows.create_index([("wake_at", ASCENDING)])
+        await self._rows.create_index([("needs_advance", ASCENDING), ("lease_until", ASCENDING)])
+        await self._rows.create_index([("lease_until", ASCENDING)])
+        await self._schedules.create_index([("next_at", ASCENDING)])
+        self._indexed = True
+
+    async def _retry(
+        self, what: str, operation: Callable[[], Awaitable[T]], check: Callable[[], Awaitable[object]] | None = None
+    ) -> T:
+        """Run ``operation``; on a network failure pause and run it again, at most ``retries`` times.
+
+        ``check`` (for writes that are not idempotent) runs before each retry and returns the
+        operation's result if the failed attempt was in fact applied, else ``_UNKNOWN``.
+        """
+        failure: ConnectionFailure | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                if not self._indexed:
+                    await self._ensure_indexes()
+                if failure is not None and check is not None:
+                    done = await check()
+                    if done is not _UNKNOWN:
+                        return done  # type: ignore[return-value]
+                return await operation()
+            except ConnectionFailure as exc:
+                failure = exc
+                if attempt < self.retries:
+                    await anyio.sleep(self.retry_backoff * 2**attempt)
+            except (InvalidDocument, OverflowError) as exc:
+                raise NotJSONError(f"a value to store in MongoDB ({what})", str(exc)) from exc
+            except DuplicateKeyError:
+                raise
+            except PyMongoError as exc:
+                if isinstance(exc, BulkWriteError):
+                    raise
+                raise StoreError(f"store {mask(self.url)}: {what} failed: {exc}") from exc
+        raise StoreUnavailableError(
+            mask(self.url), f"{what} failed {self.retries + 1} times: {type(failure).__name__}: {failure}"
+        ) from failure
+
+    # -- conversations ---------------------------------------------------------------
+
+    async def get(self, conversation_id: str) -> ConversationRow | None:
+        """The row, reconciled with the log: if events lie past its ``last_seq`` (a writer
+        died between its two writes), the row says so (``needs_advance``) and is fixed in place."""
+
+        async def read() -> tuple[Document | None, Document | None]:
+            found: tuple[Document | None, Document | None] = await asyncio.gather(
+                self._rows.find_one({"_id": conversation_id}),
+                self._events.find_one(
+                    {"conversation_id": conversation_id}, {"seq": 1, "_id": 0}, sort=[("seq", DESCENDING)]
+                ),
+            )
+            return found
+
+        found, top = await self._retry("get", read)
+        if found is None:
+            return None if top is None else await self._rebuild(conversation_id)
+        row = _row(found)
+        if top is not None and top["seq"] > row.last_seq:
+            row = row.model_copy(update={"last_seq": top["seq"], "needs_advance": True})
+            await self._retry(
+                "repair",
+                lambda: self._rows.update_one(
+                    {"_id": conversation_id, "last_seq": {"$lt": top["seq"]}},
+                    {"$set": {"needs_advance": True}, "$max": {"last_seq": top["seq"]}},
+                ),
+            )
+        return row
+
+    async def _rebuild(self, conversation_id: str) -> ConversationRow | None:
+        """A log without a row (its creator died between the two writes): rebuild the row from the
+        latest ``started`` event, flagged for a runner to replay and set its true state."""
+        started_doc, top = await self._retry(
+            "rebuild",
+            lambda: asyncio.gather(
+                self._events.find_one(
+                    {"conversation_id": conversation_id, "kind": "started"}, sort=[("seq", DESCENDING)]
+                ),
+                self._events.find_one({"conversation_id": conversation_id}, sort=[("seq", DESCENDING)]),
+            ),
+        )
+        if started_doc is None or top is None:
+            return None
+        started = _event(conversation_id, started_doc)
+        assert isinstance(started, Started)
+        row = ConversationRow(
+            id=conversation_id, dialog=started.dialog, last_seq=top["seq"], run=started.run,
+            run_seq=started.seq, needs_advance=True, updated_at=started.at, tz=started.tz,
+        )  # fmt: skip
+        try:
+            await self._retry("rebuild", lambda: self._rows.insert_one(_row_doc(row, row.last_seq)))
+        except DuplicateKeyError:
+            pass  # rebuilt by someone else meanwhile: theirs is as good
+        return await self.get(conversation_id)
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Event]:
+        docs: list[Document] = await self._retry(
+            "load",
+            lambda: (
+                self._events.find(
+                    {"conversation_id": conversation_id, "seq": {"$gt": after_seq}}, {"_id": 0, "conversation_id": 0}
+                )
+                .sort("seq", ASCENDING)
+                .to_list(None)
+            ),
+        )
+        return [_event(conversation_id, doc) for doc in docs]
+
+    async def create(self, row: ConversationRow, events: list[Event]) -> None:
+        # Events first: a crash before the row is written leaves a log that get() rebuilds a row from;
+        # the other order would leave a row with no log, which nothing could repair.
+        last_seq = events[-1].seq if events else 0
+        await self._insert_events(row.id, events)
+        doc = _row_doc(row, last_seq)
+        try:
+            await self._retry("create", lambda: self._rows.insert_one(dict(doc)), self._same_doc(self._rows, doc))
+        except DuplicateKeyError as exc:
+            raise ConflictError(row.id, events[0].seq if events else 1) from exc
+
+    async def append(
+        self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        """Insert the events (ordered; a duplicate sequence number raises ``ConflictError`` and
+        stops there), then update the row in one atomic write; the new row.
+
+        If another writer took a later sequence number after reading events of ours that were
+        already in, those stay (they are a valid prefix the other writer built on)."""
+        await self._insert_events(conversation_id, events)
+        changes: Document = {"updated_at": _us(now)}
+        for name in _ROW_UPDATE_FIELDS:
+            value = getattr(update, name)
+            if value is not None or name in update.clear:
+                changes[name] = _us(value) if name == "wake_at" else value
+        operation: Document = {"$set": changes}
+        if events:
+            operation["$max"] = {"last_seq": events[-1].seq}
+        found = await self._retry(
+            "append",
+            lambda: self._rows.find_one_and_update(
+                {"_id": conversation_id}, operation, return_document=ReturnDocument.AFTER
+            ),
+        )
+        if found is None:
+            from dynaprompt.errors import UnknownConversationError
+
+            raise UnknownConversationError(conversation_id)
+        return _row(found)
+
+    async def _insert_events(self, conversation_id: str, events: list[Event]) -> None:
+        if not events:
+            return
+        docs = [{"conversation_id": conversation_id, **event.model_dump(mode="json")} for event in events]
+        pending = list(docs)
+
+        async def insert() -> None:
+            await self._events.insert_many([dict(doc) for doc in pending], ordered=True)
+
+        async def check() -> object:
+            """After a network failure: which of our events are in? Insert only the rest next."""
+            seqs = [doc["seq"] for doc in pending]
+            stored = await self._events.find(
+                {"conversation_id": conversation_id, "seq": {"$in": seqs}}, {"_id": 0}
+            ).to_list(None)
+            by_seq = {doc["seq"]: doc for doc in stored}
+            while pending and pending[0]["seq"] in by_seq:
+                if by_seq[pending[0]["seq"]] != pending[0]:
+                    raise ConflictError(conversation_id, pending[0]["seq"])
+                pending.pop(0)
+            if any(doc["seq"] in by_seq for doc in pending):
+                raise ConflictError(conversation_id, next(doc["seq"] for doc in pending if doc["seq"] in by_seq))
+            return None if not pending else _UNKNOWN
+
+        try:
+            await self._retry("append", insert, check)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if errors and errors[0].get("code") == 11000:
+                raise ConflictError(conversation_id, pending[errors[0].get("index", 0)]["seq"]) from exc
+            raise StoreError(f"store {mask(self.url)}: append failed: {errors}") from exc
+
+    def _same_doc(self, collection: Any, doc: Document) -> Callable[[], Awaitable[object]]:
+        async def check() -> object:
+            stored = await collection.find_one({"_id": doc["_id"]})
+            return None if stored == doc else _UNKNOWN
+
+        return check
+
+    async def acquire(
+        self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
+    ) -> ConversationRow | None:
+        owners = [owner] if steal_from is None else [owner, steal_from]
+        found = await self._retry(
+            "acquire",
+            lambda: self._rows.find_one_and_update(
+                {
+                    "_id": conversation_id,
+                    "$or": [
+                        {"lease_until": None},
+                        {"lease_owner": {"$in": owners}},
+                        {"lease_until": {"$lte": _us(now)}},
+                    ],
+                },
+                {"$set": {"lease_owner": owner, "lease_until": _us(until)}},
+                return_document=ReturnDocument.AFTER,
+            ),
+        )
+        return None if found is None else _row(found)
+
+    async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
+        query: Document = {"_id": conversation_id, "lease_owner": owner}
+        if last_seq is not None:
+            query["last_seq"] = last_seq
+        dropped = {"$set": {"lease_owner": None, "lease_until": None}}
+
+        async def check() -> object:
+            # a retry after a release that did land would find the lease gone: that is success
+            found = await self._rows.find_one({"_id": conversation_id})
+            if found is None or found["lease_owner"] not in (None, owner):
+                return False
+            if last_seq is not None and found["last_seq"] != last_seq:
+                return False
+            return True if found["lease_owner"] is None else _UNKNOWN
+
+        result = await self._retry("release", lambda: self._rows.update_one(query, dropped), check)
+        return result if isinstance(result, bool) else result.modified_count == 1
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
+        """Conversations needing attention (unconsumed input, a lease left to expire) first, then
+        due timers soonest first; each query runs on an index."""
+        stamp = _stamp(now)
+
+        async def read() -> list[list[Document]]:
+            found: list[list[Document]] = await asyncio.gather(
+                self._rows.find(
+                    {"$or": [{"needs_advance": True, **_lease_free(stamp)}, {"lease_until": {"$lte": stamp}}]},
+                    {"_id": 1},
+                )
+                .limit(limit)
+                .to_list(None),
+                self._rows.find({"wake_at": {"$lte": stamp}, **_lease_free(stamp)}, {"_id": 1})
+                .sort("wake_at", ASCENDING)
+                .limit(limit)
+                .to_list(None),
+            )
+            return found
+
+        attention, timers = await self._retry("due", read)
+        ids = dict.fromkeys(doc["_id"] for doc in [*attention, *timers])
+        return list(ids)[:limit]
+
+    async def next_wake_at(self) -> datetime | None:
+        async def read() -> list[Document | None]:
+            return list(
+                await asyncio.gather(
+                    self._rows.find_one({"wake_at": {"$ne": None}}, {"wake_at": 1}, sort=[("wake_at", ASCENDING)]),
+                    self._schedules.find_one({"next_at": {"$ne": None}}, {"next_at": 1}, sort=[("next_at", ASCENDING)]),
+                )
+            )
+
+        row, schedule = await self._retry("next_wake_at", read)
+        times: list[int] = []
+        if row is not None:
+            times.append(row["wake_at"])
+        if schedule is not None:
+            times.append(schedule["next_at"])
+        return _dt(min(times)) if times else None
+
+    async def conversations(self, state: State | None = None) -> list[ConversationRow]:
+        query = {} if state is None else {"state": state}
+        docs = await self._retry("conversations", lambda: self._rows.find(query).sort("_id", ASCENDING).to_list(None))
+        return [_row(doc) for doc in docs]
+
+    # -- schedules ---------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRow) -> None:
+        doc = _schedule_doc(schedule.model_copy(update={"lease_owner": None, "lease_until": None}))
+        try:
+            await self._retry(
+                "put_schedule", lambda: self._schedules.insert_one(dict(doc)), self._same_doc(self._schedules, doc)
+            )
+        except DuplicateKeyError as exc:
+            raise ConflictError(schedule.id, 0) from exc
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRow | None:
+        found = await self._retry("get_schedule", lambda: self._schedules.find_one({"_id": schedule_id}))
+        return None if found is None else _schedule(found)
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        docs = await self._retry("list_schedules", lambda: self._schedules.find({}).to_list(None))
+        return sorted((_schedule(doc) for doc in docs), key=lambda row: (row.next_at is None, row.next_at, row.id))
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        result = await self._retry("delete_schedule", lambda: self._schedules.delete_one({"_id": schedule_id}))
+        return bool(result.deleted_count == 1)
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[ScheduleRow]:
+        stamp = _stamp(now)
+        docs = await self._retry(
+            "due_schedules",
+            lambda: (
+                self._schedules.find({"next_at": {"$ne": None, "$lte": stamp}, **_lease_free(stamp)})
+                .sort([("next_at", ASCENDING), ("_id", ASCENDING)])
+                .limit(limit)
+                .to_list(None)
+            ),
+        )
+        return [_schedule(doc) for doc in docs]
+
+    async def claim_schedule(self, schedule_id: str, owner: str, until: datetime, now: datetime) -> ScheduleRow | None:
+        found = await self._retry(
+            "claim_schedule",
+            lambda: self._schedules.find_one_and_update(
+                {
+                    "_id": schedule_id,
+                    "$or": [{"lease_until": None}, {"lease_owner": owner}, {"lease_until": {"$lte": _us(now)}}],
+                },
+                {"$set": {"lease_owner": owner, "lease_until": _us(until)}},
+                return_document=ReturnDocument.AFTER,
+            ),
+        )
+        return None if found is None else _schedule(found)
+
+    async def finish_schedule(
+        self, schedule_id: str, owner: str, next_at: datetime | None, fired: int, last_fired_at: datetime | None
+    ) -> bool:
+        changes = {
+            "next_at": _us(next_at), "fired": fired, "last_fired_at": _iso(last_fired_at),
+            "lease_owner": None, "lease_until": None,
+        }  # fmt: skip
+
+        async def check() -> object:
+            found = await self._schedules.find_one({"_id": schedule_id})
+            if found is None:
+                return False
+            if all(found.get(name) == value for name, value in changes.items()):
+                return True
+            return _UNKNOWN if found["lease_owner"] == owner else False
+
+        result = await self._retry(
+            "finish_schedule",
+            lambda: self._schedules.update_one({"_id": schedule_id, "lease_owner": owner}, {"$set": changes}),
+            check,
+        )
+        return result if isinstance(result, bool) else result.modified_count == 1
+
+    async def close(self) -> None:
+        """Close the client if this store opened it (never one it was given)."""
+        if self._owns_client:
+            await self._client.close()
+
+
+# -- documents <-> models --------------------------------------------------------------
+
+
+def _event(conversation_id: str, doc: Mapping[str, Any]) -> Event:
+    body = {name: value for name, value in doc.items() if name not in ("_id", "conversation_id")}
+    return event_from_dict(conversation_id, body.get("seq", 0), body)
+
+
+def _row_doc(row: ConversationRow, last_seq: int) -> Document:
+    return {
+        "_id": row.id, "dialog": row.dialog, "state": row.state, "wake_at": _us(row.wake_at), "last_seq": last_seq,
+        "run": row.run, "run_seq": row.run_seq, "result": row.result, "error": row.error, "parked": row.parked,
+        "needs_advance": row.needs_advance, "lease_owner": row.lease_owner, "lease_until": _us(row.lease_until),
+        "updated_at": _us(row.updated_at), "tz": row.tz,
+    }  # fmt: skip
+
+
+def _row(doc: Mapping[str, Any]) -> ConversationRow:
+    fields = dict(doc)
+    fields["id"] = fields.pop("_id")
+    for name in ("wake_at", "lease_until", "updated_at"):
+        fields[name] = _dt(fields.get(name))
+    return ConversationRow.model_validate(fields)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _schedule_doc(schedule: ScheduleRow) -> Document:
+    doc = schedule.model_dump(mode="json")
+    doc["_id"] = doc.pop("id")
+    doc["next_at"] = _us(schedule.next_at)
+    doc["lease_until"] = _us(schedule.lease_until)
+    return doc
+
+
+def _schedule(doc: Mapping[str, Any]) -> ScheduleRow:
+    fields = dict(doc)
+    fields["id"] = fields.pop("_id")
+    fields["next_at"] = _dt(fields.get("next_at"))
+    fields["lease_until"] = _dt(fields.get("lease_until"))
+    return ScheduleRow.model_validate(fields)
+
+
+def _seeds(client: Any) -> str:
+    """``host:port,...`` of a client, for the store's URL (no credentials: the seeds have none)."""
+    try:
+        nodes = client.topology_description.server_descriptions()
+        return ",".join(f"{host}:{port}" for host, port in nodes) or "?"
+    except Exception:  # motor proxies and mocks lack it; the URL is only a label here
+        return "?"
