@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -53,3 +54,49 @@ async def store(store_url: str) -> AsyncIterator[Store]:
     opened = await open_store(store_url)
     yield opened
     await opened.close()
+
+
+def _load_test_helper(name: str) -> Any:
+    """Import ``tests/<name>.py`` (the tests folder is not a package under ``--import-mode=importlib``)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def mongodb_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Any]]:
+    """Start SecantusDB servers (``tests/mongo_server.MongoServer``) in temporary folders; stopped at the end."""
+    helper = _load_test_helper("mongo_server")
+    started: list[Any] = []
+
+    def make() -> Any:
+        server = helper.MongoServer(tmp_path_factory.mktemp("mongodb") / "data", external_uri=helper.external_uri())
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongodb_uri(mongodb_server_factory: Callable[[], Any]) -> str:
+    """``mongodb://127.0.0.1:port`` of a real MongoDB wire server shared by the session
+    (SecantusDB, or the server ``DYNAPROMPT_TEST_MONGODB_URI`` names)."""
+    return str(mongodb_server_factory().uri)
+
+
+@pytest.fixture
+def mongodb_url(mongodb_uri: str) -> str:
+    """A URL naming a fresh database on the session's MongoDB server."""
+    return str(_load_test_helper("mongo_server").fresh_database_url(mongodb_uri))

@@ -52,9 +52,35 @@ async def _sqlite(request: pytest.FixtureRequest) -> StoreFactory:
     return make
 
 
+async def _mongodb(request: pytest.FixtureRequest) -> StoreFactory:
+    uri: str = request.getfixturevalue("mongodb_uri")
+
+    async def make() -> Store:
+        return await open_store(f"{uri}/conformance_{uuid.uuid4().hex}")
+
+    return make
+
+
+async def _mongodb_motor(request: pytest.FixtureRequest) -> StoreFactory:
+    """The MongoDB store on a motor client the application already had (the store must not close it)."""
+    from motor.motor_asyncio import AsyncIOMotorClient
+
+    from dynaprompt.stores.mongo import MongoStore
+
+    client = AsyncIOMotorClient(request.getfixturevalue("mongodb_uri"))
+    request.addfinalizer(client.close)
+
+    async def make() -> Store:
+        return MongoStore(client[f"conformance_{uuid.uuid4().hex}"])
+
+    return make
+
+
 STORE_LEGS: dict[str, Callable[[pytest.FixtureRequest], Awaitable[StoreFactory]]] = {
     "memory": _memory,
     "sqlite": _sqlite,
+    "mongodb": _mongodb,
+    "mongodb-motor": _mongodb_motor,
 }
 
 
