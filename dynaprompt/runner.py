@@ -38,6 +38,7 @@ from dynaprompt.errors import (
     NondeterminismError,
     NotTextError,
     ScheduleError,
+    StoreError,
     UnknownConversationError,
 )
 from dynaprompt.events import INPUT_KINDS, Delivered, ErrorInfo, Event, Failed, ReplyReceived, Sent, Started
@@ -239,7 +240,7 @@ class Runner:
                 try:
                     execution = await self._execution(leased)
                 except BaseException:
-                    await self.store.release(conversation_id, self.owner, None)
+                    await self._abandon(conversation_id)
                     raise
                 if execution.ended and not leased.parked:
                     await self._release(conversation_id, execution)
@@ -277,11 +278,21 @@ class Runner:
         this runner records an earlier one, and at least every
         ``poll_interval`` seconds to pick up what other runners left.
         """
+        failures = 0
         while True:
             self._changed = anyio.Event()
             pass_at = self.clock.now()
-            await self.run_due()
-            next_at = await self.store.next_wake_at()
+            try:
+                await self.run_due()
+                next_at = await self.store.next_wake_at()
+            except StoreError as exc:
+                # The database is away: keep trying, backing off, rather than stopping the service.
+                failures += 1
+                delay = min(self.poll_interval * 2**failures, 30.0)
+                log.warning("store unavailable (%s); retrying in %.1f s", exc, delay)
+                await anyio.sleep(delay)
+                continue
+            failures = 0
             if next_at is not None and next_at <= pass_at:
                 # Due at this pass and still pending (a channel refused a message, or another runner holds it):
                 # retry at the next poll instead of spinning on it.
@@ -556,7 +567,7 @@ class Runner:
             try:
                 execution = await self._execution(leased)
             except BaseException:
-                await self.store.release(conversation_id, self.owner, None)
+                await self._abandon(conversation_id)
                 raise
             if leased.parked and not leased.needs_advance:
                 await self._release(conversation_id, execution)
@@ -607,11 +618,28 @@ class Runner:
                 stale = True
                 execution.extend(await self.store.load(conversation_id, execution.last_seq))
         except BaseException:
-            await self._forget(conversation_id, execution)
-            await self.store.release(conversation_id, self.owner, None)
+            await self._abandon(conversation_id, execution)
             raise
         self._keep(conversation_id, execution)
         return await self.status(conversation_id)
+
+    async def _abandon(self, conversation_id: str, execution: Execution | None = None) -> None:
+        """Drop our cached state and our lease after a failure, even while being cancelled:
+        a runner that stops must not leave others waiting for its lease to expire."""
+        with anyio.CancelScope(shield=True):
+            await self._forget(conversation_id, execution)
+            try:
+                await self.store.release(conversation_id, self.owner, None)
+            except Exception:  # the lease then expires on its own
+                log.warning("could not release the lease on %r", conversation_id, exc_info=True)
+
+    async def _renew_lease_while(self, conversation_id: str) -> None:
+        """Keep our lease alive while a long call runs (until cancelled)."""
+        interval = max(self.lease.total_seconds() / 3, 0.05)
+        while True:
+            await anyio.sleep(interval)
+            now = self.clock.now()
+            await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
 
     async def _release(self, conversation_id: str, execution: Execution) -> bool:
         released = await self.store.release(conversation_id, self.owner, execution.last_seq)
@@ -638,7 +666,10 @@ class Runner:
             await self._flush(conversation_id, execution, now, outcome.events)
             await self._hand_off(conversation_id, execution, now)
             await self.store.acquire(conversation_id, self.owner, self.clock.now() + self.lease, now)
-            result, error, attempts = await self._run_call(conversation_id, execution, outcome.call)
+            async with anyio.create_task_group() as renewing:
+                renewing.start_soon(self._renew_lease_while, conversation_id)
+                result, error, attempts = await self._run_call(conversation_id, execution, outcome.call)
+                renewing.cancel_scope.cancel()
             now = self.clock.now()
             execution.record_call(result, error, now, attempts)
         wrote = await self._flush(conversation_id, execution, now, outcome.events)

@@ -1,0 +1,124 @@
+"""Leases are held only while a conversation is advanced, survive long calls, and are freed on cancellation;
+serve() rides out a store outage."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from dynaprompt import ListChannel, Runner, Store, StoreUnavailableError, call, dialog, send, sleep, wait_for_reply
+from dynaprompt.stores.memory import MemoryStore
+from dynaprompt.testing import VirtualClock
+
+pytestmark = pytest.mark.anyio
+
+calls: list[str] = []
+release_call = anyio.Event()
+
+
+async def slow_lookup(word: str) -> str:
+    calls.append(word)
+    await anyio.sleep(0.6)
+    return word.upper()
+
+
+async def blocking_lookup(word: str) -> str:
+    calls.append(word)
+    await anyio.sleep(3600)  # cancelled long before
+    return word  # pragma: no cover
+
+
+@dialog(name="tests.leases:slow")
+async def slow(word: str):
+    answer = yield call(slow_lookup, word)
+    yield send(f"answer {answer}")
+    reply = yield wait_for_reply()
+    yield send(f"then {reply.text}")
+
+
+@dialog(name="tests.leases:stuck")
+async def stuck():
+    yield send("thinking")
+    answer = yield call(blocking_lookup, "x")
+    yield send(f"answer {answer}")
+
+
+async def test_a_long_call_keeps_its_lease_so_no_other_runner_takes_over(store: Store) -> None:
+    calls.clear()
+    channel = ListChannel()
+    async with (
+        Runner(store, channel, lease_seconds=0.2) as holder,
+        Runner(store, channel, lease_seconds=0.2) as other,
+    ):
+        async with anyio.create_task_group() as group:
+            group.start_soon(holder.start, slow, "c1", "owl")
+            await anyio.sleep(0.4)  # twice the lease: without renewal it would have expired
+            row = await store.get("c1")
+            assert row is not None
+            assert row.lease_owner == holder.owner
+            await other.run_due()  # must not run the call a second time
+        await holder.deliver("c1", "bye")
+    assert calls == ["owl"]
+    assert channel.texts("c1") == ["answer OWL", "then bye"]
+
+
+class NetworkLikeStore(MemoryStore):
+    """Suspends in every release, as a store that talks to a server does (where cancellation can strike)."""
+
+    async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return await super().release(conversation_id, owner, last_seq)
+
+
+async def test_cancelled_advance_releases_its_lease_at_once(clock: VirtualClock) -> None:
+    calls.clear()
+    store = NetworkLikeStore()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, lease_seconds=3600) as first:
+        with anyio.move_on_after(0.3):
+            await first.start(stuck, "c2")
+    row = await store.get("c2")
+    assert row is not None
+    assert row.lease_owner is None  # not left for an hour
+    assert channel.texts() == ["thinking"]
+    assert calls == ["x"]
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose due-work query fails a few times, as a database that went away would."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailableError("memory://flaky", "connection refused")
+        return await super().due(now, limit)
+
+
+@dialog(name="tests.leases:napper")
+async def napper():
+    yield send("napping")
+    yield sleep(60)
+    yield send("awake")
+
+
+async def test_serve_rides_out_a_store_outage(clock: VirtualClock) -> None:
+    store = FlakyStore(failures=0)
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, poll_interval=0.01) as runner:
+        await runner.start(napper, "c3")
+        store.failures = 3
+        clock.advance(61)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as group:
+                group.start_soon(runner.serve)
+                while channel.texts() != ["napping", "awake"]:
+                    await anyio.sleep(0.01)
+                group.cancel_scope.cancel()
+    assert store.failures == 0
