@@ -415,7 +415,12 @@ def openapi_document(dialogs: Sequence[str] = ()) -> dict[str, Any]:
                 "summary": "List conversations",
                 "operationId": "listConversations",
                 "parameters": [
-                    {"name": "state", "in": "query", "required": False, "schema": {"type": "string", "enum": _STATES}}
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": list(_STATES)},
+                    }
                 ],
                 "responses": {"200": answer("The conversations.", "ConversationList"), **errors(422)},
             },
