@@ -9,7 +9,18 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from dynaprompt import ListChannel, Runner, Store, StoreUnavailableError, call, dialog, send, sleep, wait_for_reply
+from dynaprompt import (
+    ListChannel,
+    Message,
+    Runner,
+    Store,
+    StoreUnavailableError,
+    call,
+    dialog,
+    send,
+    sleep,
+    wait_for_reply,
+)
 from dynaprompt.stores.memory import MemoryStore
 from dynaprompt.testing import VirtualClock
 
@@ -101,6 +112,17 @@ class FlakyStore(MemoryStore):
         return await super().due(now, limit)
 
 
+class WakingChannel(ListChannel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.awake = anyio.Event()
+
+    async def deliver(self, message: Message) -> None:
+        await super().deliver(message)
+        if message.text == "awake":
+            self.awake.set()
+
+
 @dialog(name="tests.leases:napper")
 async def napper():
     yield send("napping")
@@ -110,7 +132,7 @@ async def napper():
 
 async def test_serve_rides_out_a_store_outage(clock: VirtualClock) -> None:
     store = FlakyStore(failures=0)
-    channel = ListChannel()
+    channel = WakingChannel()
     async with Runner(store, channel, clock=clock, poll_interval=0.01) as runner:
         await runner.start(napper, "c3")
         store.failures = 3
@@ -118,7 +140,7 @@ async def test_serve_rides_out_a_store_outage(clock: VirtualClock) -> None:
         with anyio.fail_after(5):
             async with anyio.create_task_group() as group:
                 group.start_soon(runner.serve)
-                while channel.texts() != ["napping", "awake"]:
-                    await anyio.sleep(0.01)
+                await channel.awake.wait()
                 group.cancel_scope.cancel()
+    assert channel.texts() == ["napping", "awake"]
     assert store.failures == 0
