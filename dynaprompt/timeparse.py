@@ -127,12 +127,11 @@ def parse_instant(value: datetime | str, now: datetime, tz: str) -> datetime:
         settings={
             "RELATIVE_BASE": local_now,
             "PREFER_DATES_FROM": "future",
-            "RETURN_AS_TIMEZONE_AWARE": False,
             "PREFER_DAY_OF_MONTH": "first",
         },
     )
     if parsed is None:
         raise TimeParseError(value, "a time")
-    if parsed.tzinfo is not None:  # the text named its own offset
-        return parsed
+    if parsed.tzinfo is not None:  # the text named its own offset ("10:00+02:00", "9am EST"): keep it
+        return parsed.astimezone(zone_info)
     return localize(parsed, zone_info)
