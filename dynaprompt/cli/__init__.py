@@ -11,7 +11,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 # Subcommand modules, each with add_parser(subparsers) that sets ``func`` (an async callable of args).
-_COMMANDS = ("dynaprompt.cli.chat", "dynaprompt.cli.serve", "dynaprompt.cli.inspect")
+_COMMANDS = ("dynaprompt.cli.chat", "dynaprompt.cli.serve", "dynaprompt.cli.inspect", "dynaprompt.cli.schedule")
 
 
 def build_parser() -> argparse.ArgumentParser:
