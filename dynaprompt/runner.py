@@ -72,8 +72,9 @@ class Runner:
       ``dynaprompt.testing.VirtualClock`` for tests.
     * ``tz``: the default IANA zone of new conversations (default ``"UTC"``).
     * ``max_message_chars``: the longest inbound message accepted (16,000).
-    * ``cache_size``: how many live conversations to keep warm (1,024; 0 turns
-      the cache off, so every advance replays from the log).
+    * ``cache_size``: how many live conversations to keep warm (1,024, or the
+      ``DYNAPROMPT_CACHE_SIZE`` environment variable; 0 turns the cache off,
+      so every advance replays from the log).
     * ``lease_seconds``: how long a claim on a conversation lasts if this
       runner dies while advancing it (30 s).
     * ``poll_interval``: how often ``serve()`` looks for work other runners
@@ -92,7 +93,7 @@ class Runner:
         clock: Clock | None = None,
         tz: str | None = None,
         max_message_chars: int = 16_000,
-        cache_size: int = 1024,
+        cache_size: int | None = None,
         lease_seconds: float = 30.0,
         poll_interval: float = 1.0,
         due_batch: int = 256,
@@ -107,7 +108,7 @@ class Runner:
         self.tz = tz or "UTC"
         zone(self.tz)
         self.max_message_chars = max_message_chars
-        self.cache_size = cache_size
+        self.cache_size = cache_size if cache_size is not None else _default_cache_size()
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_interval = poll_interval
         self.due_batch = due_batch
@@ -770,6 +771,16 @@ class Runner:
 
 _OVERLAP = ("skip", "queue", "replace")
 _MISSED = ("run_late", "skip")
+
+
+def _default_cache_size() -> int:
+    """1,024, or ``DYNAPROMPT_CACHE_SIZE`` (our CI runs the whole suite again with 0: replay must
+    give the same results as the warm cache)."""
+    text = os.environ.get("DYNAPROMPT_CACHE_SIZE", "1024")
+    try:
+        return int(text)
+    except ValueError:
+        raise DynapromptError(f"DYNAPROMPT_CACHE_SIZE must be a whole number, not {text!r}") from None
 
 
 def _seconds(value: timedelta | float) -> timedelta:
