@@ -357,6 +357,32 @@ async def test_set_timezone_affects_later_natural_language_times(runner: Runner)
     assert utc.wake_at == datetime(2026, 1, 6, 9, tzinfo=UTC)
 
 
+async def test_instants_given_to_the_dialog_are_the_same_warm_and_replayed(
+    runner: Runner, channel: ListChannel, clock: VirtualClock
+) -> None:
+    @dialog
+    async def london():
+        yield set_timezone("Europe/London")
+        woke = yield sleep_until("tomorrow at 9am")
+        stamp = yield now()
+        reply = yield wait_for_reply()
+        yield send(f"woke {woke!r}, now {stamp!r}, reply {reply.at!r}")
+        yield wait_for_reply()
+        yield send(f"woke {woke!r}, now {stamp!r}, reply {reply.at!r}")
+
+    await runner.start(london, "c1")
+    clock.advance(timedelta(days=1))
+    await runner.run_due()
+    clock.advance(timedelta(hours=1))
+    await runner.deliver("c1", "hi")  # with the cache on, every value in this message is warm
+    async with Runner(runner.store, channel, clock=clock) as new_process:
+        await new_process.deliver("c1", "again")  # a cold replay hands the dialog the recorded values
+    first, second = channel.texts()
+    assert first == second  # the reprs, time zones included, match between the warm run and the replay
+    transcript = await runner.transcript("c1")
+    assert transcript[0].at == START + timedelta(days=1, hours=1)
+
+
 async def test_runner_tz_is_the_default_zone_of_new_conversations(store: Store, clock: VirtualClock) -> None:
     @dialog
     async def breakfast():
