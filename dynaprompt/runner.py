@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 
+from dynaprompt import scheduling
 from dynaprompt.channels.base import Channel
 from dynaprompt.clock import Clock, SystemClock
 from dynaprompt.dialogs import Dialog, lookup
@@ -43,10 +44,9 @@ from dynaprompt.errors import (
 )
 from dynaprompt.events import INPUT_KINDS, Delivered, ErrorInfo, Event, Failed, ReplyReceived, Sent, Started
 from dynaprompt.models import Message, Schedule, Status, TranscriptEntry
-from dynaprompt.recurrence import parse_recurrence
 from dynaprompt.replay import Execution, message_id, to_json
-from dynaprompt.stores.base import ConversationRow, RowUpdate, ScheduleRow, Store
-from dynaprompt.timeparse import parse_instant, zone
+from dynaprompt.stores.base import ConversationRow, RowUpdate, Store
+from dynaprompt.timeparse import zone
 
 __all__ = ["Runner"]
 
@@ -112,10 +112,14 @@ class Runner:
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_interval = poll_interval
         self.due_batch = due_batch
-        if schedule_overlap not in _OVERLAP:
-            raise ScheduleError(f"schedule_overlap must be one of {', '.join(_OVERLAP)}, not {schedule_overlap!r}")
-        if schedule_missed not in _MISSED:
-            raise ScheduleError(f"schedule_missed must be one of {', '.join(_MISSED)}, not {schedule_missed!r}")
+        if schedule_overlap not in scheduling.OVERLAP_POLICIES:
+            raise ScheduleError(
+                f"schedule_overlap must be one of {', '.join(scheduling.OVERLAP_POLICIES)}, not {schedule_overlap!r}"
+            )
+        if schedule_missed not in scheduling.MISSED_POLICIES:
+            raise ScheduleError(
+                f"schedule_missed must be one of {', '.join(scheduling.MISSED_POLICIES)}, not {schedule_missed!r}"
+            )
         self.schedule_overlap = schedule_overlap
         self.schedule_missed = schedule_missed
         self.schedule_grace = _seconds(schedule_grace)
@@ -257,7 +261,7 @@ class Runner:
         """Fire every timer and scheduled send that is due now (and pick up stranded work); return how many
         conversations were advanced."""
         now = self.clock.now()
-        await self._fire_schedules(now)
+        await scheduling.fire_due(self, now)
         seen: set[str] = set()
         while True:
             batch = [cid for cid in await self.store.due(now, self.due_batch + len(seen)) if cid not in seen]
@@ -344,117 +348,15 @@ class Runner:
         ``schedule_grace`` options say what happens when the previous run is
         still live or a fire was missed.
         """
-        chosen = dialog_fn if isinstance(dialog_fn, Dialog) else lookup(dialog_fn)
-        zone_name = tz or self.tz
-        zone(zone_name)
-        now = self.clock.now()
-        json_args = to_json(list(args), f"the arguments of {chosen.name}")
-        json_kwargs = to_json(kwargs, f"the keyword arguments of {chosen.name}")
-        if at is None and every is None:
-            raise ScheduleError("schedule() needs at= (once), every= (recurring), or both")
-        recurrence = parse_recurrence(every) if every is not None else None
-        if recurrence is not None and recurrence.shortest_gap(zone_name, now) < self.min_schedule_interval:
-            raise ScheduleError(
-                f"{every!r} fires more often than the minimum of {self.min_schedule_interval} "
-                "(Runner(min_schedule_interval=...))"
-            )
-        if at is not None:
-            first = parse_instant(at, now, zone_name)
-            if first <= now:
-                raise ScheduleError(f"at={at!r} resolves to {first.isoformat()}, which is not in the future")
-        else:
-            assert recurrence is not None
-            first = recurrence.next_after(now, zone_name)
-        row = ScheduleRow(
-            id=f"sch_{uuid.uuid4().hex[:12]}", dialog=chosen.name, conversation_id=conversation_id,
-            dialog_args=json_args, dialog_kwargs=json_kwargs, tz=zone_name, every=every, next_at=first,
-            missed=self.schedule_missed, grace_seconds=self.schedule_grace.total_seconds(),
-            overlap=self.schedule_overlap, created_at=now,
-        )  # fmt: skip
-        await self.store.put_schedule(row)
-        self._changed.set()
-        return row.id
+        return await scheduling.create(self, dialog_fn, conversation_id, args, kwargs, at=at, every=every, tz=tz)
 
     async def schedules(self) -> list[Schedule]:
         """Every schedule with its next fire time, soonest first."""
-        return [
-            Schedule(
-                id=row.id,
-                dialog=row.dialog,
-                conversation_id=row.conversation_id,
-                dialog_args=row.dialog_args,
-                dialog_kwargs=row.dialog_kwargs,
-                tz=row.tz,
-                every=row.every,
-                next_at=row.next_at,
-                fired=row.fired,
-                last_fired_at=row.last_fired_at,
-            )
-            for row in await self.store.list_schedules()
-        ]
+        return await scheduling.listing(self)
 
     async def unschedule(self, schedule_id: str) -> bool:
         """Remove a schedule; False if there was none. A run it already started goes on."""
         return await self.store.delete_schedule(schedule_id)
-
-    async def _fire_schedules(self, now: datetime) -> None:
-        """Fire each due occurrence once, under the schedule's lease, by the schedule's policies."""
-        seen: set[str] = set()
-        while True:
-            batch = [row for row in await self.store.due_schedules(now, self.due_batch) if row.id not in seen]
-            if not batch:
-                return
-            for row in batch:
-                seen.add(row.id)
-                claimed = await self.store.claim_schedule(row.id, self.owner, now + self.lease, now)
-                if claimed is None:
-                    continue
-                try:
-                    await self._fire_schedule(claimed, now)
-                except Exception:
-                    log.exception("schedule %s could not fire", row.id)
-                    await self.store.finish_schedule(
-                        row.id, self.owner, self._next_occurrence(claimed, now), claimed.fired, claimed.last_fired_at
-                    )
-
-    async def _fire_schedule(self, row: ScheduleRow, now: datetime) -> None:
-        occurrence = row.next_at
-        if occurrence is None or occurrence > now:
-            await self.store.finish_schedule(row.id, self.owner, occurrence, row.fired, row.last_fired_at)
-            return
-        grace = timedelta(seconds=row.grace_seconds if row.missed == "run_late" else 60.0)
-        fire = now - occurrence <= grace
-        keep_pending = False
-        current = await self.store.get(row.conversation_id)
-        if current is not None:
-            latest = await self.store.load(row.conversation_id, current.run_seq - 1)
-            started = latest[0] if latest else None
-            if isinstance(started, Started) and started.schedule_id == row.id and started.occurrence == occurrence:
-                fire = False  # a runner that died after starting this occurrence already fired it
-            elif fire and current.state not in _ENDED and not current.parked:
-                if row.overlap == "queue":
-                    fire, keep_pending = False, True
-                elif row.overlap == "replace":
-                    await self._end_run(row.conversation_id, f"replaced by schedule {row.id}")
-                else:
-                    fire = False
-        if fire:
-            await self._start(
-                row.dialog, row.conversation_id, list(row.dialog_args), dict(row.dialog_kwargs), row.tz,
-                schedule=(row.id, occurrence),
-            )  # fmt: skip
-        next_at = occurrence if keep_pending else self._next_occurrence(row, now)
-        fired = row.fired + (1 if fire else 0)
-        last_fired_at = now if fire else row.last_fired_at
-        await self.store.finish_schedule(row.id, self.owner, next_at, fired, last_fired_at)
-        if next_at is None:
-            await self.store.delete_schedule(row.id)
-
-    def _next_occurrence(self, row: ScheduleRow, now: datetime) -> datetime | None:
-        if row.every is None:
-            return None
-        anchor = row.next_at or now
-        return parse_recurrence(row.every).next_after(max(anchor, now), row.tz, anchor=anchor)
 
     async def _end_run(self, conversation_id: str, reason: str) -> None:
         """End the live run of a conversation as failed with ``reason`` (schedule overlap "replace")."""
@@ -767,10 +669,6 @@ class Runner:
         cached = self._cache.pop(conversation_id, None)
         for dropped in {id(x): x for x in (cached, execution) if x is not None}.values():
             await dropped.close()
-
-
-_OVERLAP = ("skip", "queue", "replace")
-_MISSED = ("run_late", "skip")
 
 
 def _default_cache_size() -> int:
