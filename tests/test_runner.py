@@ -270,6 +270,44 @@ async def test_cancelled_scheduled_send_is_never_delivered_nor_in_the_transcript
     assert (await runner.status("c1")).wake_at is None
 
 
+async def test_scheduled_send_of_an_ended_conversation_is_still_delivered_once(
+    runner: Runner, channel: ListChannel, clock: VirtualClock
+) -> None:
+    @dialog
+    async def parting_note():
+        yield send("See you tomorrow!", at="tomorrow at 9am")
+        yield finish("scheduled")
+
+    status = await runner.start(parting_note, "c1")
+    assert (status.state, status.result) == ("completed", "scheduled")
+    assert status.wake_at == datetime(2026, 1, 6, 9, tzinfo=UTC)
+    clock.advance(timedelta(days=1))
+    await runner.run_due()
+    await runner.run_due()
+    clock.advance(timedelta(days=1))
+    await runner.run_due()
+    assert channel.texts() == ["See you tomorrow!"]
+    assert [text for _, text in await texts(runner, "c1")] == ["See you tomorrow!"]
+    after = await runner.status("c1")
+    assert (after.state, after.wake_at) == ("completed", None)
+
+
+async def test_cancel_after_delivery_reports_false(runner: Runner, channel: ListChannel, clock: VirtualClock) -> None:
+    @dialog
+    async def too_late():
+        message_id = yield send("ping", at="in 1 minute")
+        yield sleep("2 minutes")
+        cancelled = yield cancel(message_id)
+        yield send(f"cancelled={cancelled}")
+
+    await runner.start(too_late, "c1")
+    clock.advance(60)
+    await runner.run_due()
+    clock.advance(60)
+    await runner.run_due()
+    assert channel.texts() == ["ping", "cancelled=False"]
+
+
 async def test_several_sends_in_a_row_are_delivered_in_order_with_distinct_ids(
     runner: Runner, channel: ListChannel
 ) -> None:
@@ -472,6 +510,22 @@ async def test_starting_an_ended_conversation_again_keeps_its_log(runner: Runner
     ids = [entry.id for entry in transcript] + [message.id for message in channel.messages]
     assert len(set(ids)) == 4  # every message has its own id, and the channel saw the same ones
     assert [message.id for message in channel.messages] == [transcript[0].id, transcript[2].id]
+
+
+async def test_a_failed_conversation_can_be_started_again(runner: Runner, channel: ListChannel) -> None:
+    @dialog
+    async def moody(fail: bool):
+        yield send("hello")
+        if fail:
+            raise RuntimeError("bad mood")
+        yield wait_for_reply()
+
+    failed = await runner.start(moody, "c1", True)
+    assert failed.state == "failed"
+    again = await runner.start(moody, "c1", False)
+    assert (again.state, again.run, again.error) == ("waiting_for_reply", 2, None)
+    assert channel.texts() == ["hello", "hello"]
+    assert len({message.id for message in channel.messages}) == 2
 
 
 async def test_deliver_to_an_ended_conversation_raises(runner: Runner) -> None:
