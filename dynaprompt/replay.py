@@ -238,6 +238,10 @@ class Execution:
             if self._awaiting_call is not None:
                 return self._outcome("running", call=self._awaiting_call)
             raise AssertionError("execution has nothing to do")  # pragma: no cover
+        # Inputs recorded after the run ended (a scheduled send delivered later) still count: without
+        # them a replayed execution would think those messages undelivered and hand them over again.
+        while self.cursor < len(self.log) and self._absorb(self.log[self.cursor]):
+            self.cursor += 1
         return self._outcome(self.state)
 
     async def close(self) -> None:
