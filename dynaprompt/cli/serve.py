@@ -76,6 +76,7 @@ async def run(args: argparse.Namespace) -> int:
             port=args.port,
             log_level=args.log_level,
             access_log=args.log_level in ("debug", "info"),
+            timeout_graceful_shutdown=3,  # open streams would otherwise hold a graceful shutdown forever
         )
         server = uvicorn.Server(config)
         async with anyio.create_task_group() as group:
