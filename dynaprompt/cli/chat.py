@@ -11,10 +11,14 @@ On start, the conversation (``--conversation``, default ``console``) is
 * continued if it is live: the last ``--history`` messages are shown, and
   whatever fell due while nothing ran (a wait that timed out, a sleep that
   ended, a scheduled send) happens at once;
-* started if it does not exist or its last run has ended (completed or
-  failed); a conversation parked by a ``NondeterminismError`` is first
-  retried against the current code, and started afresh only if it still
-  diverges.
+* started if it does not exist or its last run has ended (completed, or
+  failed because the dialog raised).
+
+A conversation whose log no longer matches the dialog's code (a
+``NondeterminismError``: it is parked, its log untouched) is retried against
+the current code each time the command starts, so fixing the code resumes it;
+while it still diverges the command stops with the error (status 2), unless
+``--restart`` is given, which starts a new run (the old one stays in the log).
 
 End of input (Ctrl-D), Ctrl-C and SIGTERM leave with status 0; the
 conversation stays where it is, and the same command continues it. When the
@@ -35,6 +39,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dynaprompt.channels.console import ConsoleChannel
@@ -71,6 +76,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--history", type=int, default=6, help="how many earlier messages to show when resuming (default: 6)"
     )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="if the stored conversation no longer matches the dialog's code, start it again instead of stopping",
+    )
     parser.set_defaults(func=run)
 
 
@@ -82,7 +92,9 @@ async def run(args: argparse.Namespace) -> int:
         channel = ConsoleChannel()
         async with Runner(store, channel, tz=args.tz) as runner:
             channel.show("-- ", f"store {mask(args.store)}")
-            return await chat(runner, chosen, args.conversation, channel, stdin_lines(), history=args.history)
+            return await chat(
+                runner, chosen, args.conversation, channel, stdin_lines(), history=args.history, restart=args.restart
+            )
     finally:
         await store.close()
 
@@ -95,15 +107,14 @@ async def chat(
     lines: AsyncIterator[str],
     *,
     history: int = 6,
+    restart: bool = False,
 ) -> int:
     """Continue or start ``conversation_id`` and feed it ``lines`` until they end or the conversation does.
 
     Returns the exit status: 0, or 1 if the conversation failed.
     """
-    status = await _begin(runner, chosen, conversation_id, channel, history)
-    if status.state in _ENDED:
-        return _report_end(channel, status)
     ended: list[Status] = []
+    refused: DynapromptError | None = None
 
     async with anyio.create_task_group() as group:
 
@@ -118,8 +129,8 @@ async def chat(
                         await runner.deliver(conversation_id, text)
                     except ConversationEndedError:
                         pass  # ended by a timer just now; watch_end reports it
-                    except NondeterminismError as exc:
-                        channel.show("-- ", f"the dialog's code no longer matches this conversation: {exc}")
+                    except NondeterminismError:
+                        pass  # the conversation is parked as failed: reported below as its end
                 if await _ended(runner, conversation_id, ended):
                     break
             group.cancel_scope.cancel()
@@ -132,37 +143,63 @@ async def chat(
                     group.cancel_scope.cancel()
                     return
 
-        group.start_soon(runner.serve)
-        group.start_soon(converse)
-        group.start_soon(watch_end)
-        group.start_soon(_leave_on_signal, group.cancel_scope)
+        # Signals first, so that a Ctrl-C at any moment from here on leaves cleanly.
+        await group.start(_leave_on_signal, group.cancel_scope)
+        try:
+            with anyio.CancelScope(shield=True):
+                status = await _begin(runner, chosen, conversation_id, channel, history, restart)
+        except DynapromptError as exc:
+            refused = exc  # raised below, outside the task group, so the command reports it plainly
+            group.cancel_scope.cancel()
+        if refused is not None:
+            pass
+        elif _over(status):
+            ended.append(status)
+            group.cancel_scope.cancel()
+        else:
+            group.start_soon(runner.serve)
+            group.start_soon(converse)
+            group.start_soon(watch_end)
 
+    if refused is not None:
+        raise refused
     if ended:
         return _report_end(channel, ended[0])
     channel.show("-- ", f"left conversation {conversation_id!r}; run the same command to continue it")
     return 0
 
 
-async def _begin(runner: Runner, chosen: Dialog, conversation_id: str, channel: ConsoleChannel, history: int) -> Status:
-    """Continue the conversation if it is live, else start (a new run of) it."""
+async def _begin(
+    runner: Runner, chosen: Dialog, conversation_id: str, channel: ConsoleChannel, history: int, restart: bool
+) -> Status:
+    """Continue the conversation if it can go on, else start (a new run of) it."""
     try:
         status = await runner.status(conversation_id)
     except UnknownConversationError:
         channel.show("-- ", f"starting {chosen.name} as conversation {conversation_id!r}; Ctrl-D or Ctrl-C leaves")
         return await runner.start(chosen, conversation_id)
-    if status.state == "failed" and (status.error or "").startswith("NondeterminismError"):
-        channel.show("-- ", f"conversation {conversation_id!r} was parked ({status.error}); retrying it")
-        status = await runner.retry(conversation_id)
-    if status.state not in _ENDED:
+    parked = status.state == "failed" and (status.error or "").startswith("NondeterminismError")
+    if parked or not _over(status):
         if status.dialog != chosen.name:
             raise DynapromptError(
                 f"conversation {conversation_id!r} is running dialog {status.dialog!r}, not {chosen.name!r}; "
                 "pass --conversation with another id to chat with this one"
             )
         await _show_history(runner, conversation_id, channel, history)
-        await runner.run_due()  # what fell due while nothing ran happens now
-        return await runner.status(conversation_id)
-    why = f"its last run {status.state}" + (f" ({status.error})" if status.error else "")
+        if parked:
+            channel.show("-- ", "it had diverged from the dialog's code; trying the current code")
+        try:
+            # Replays against the current code and fires what fell due while nothing ran. retry() rather than
+            # run_due(): it also takes over the lease of a chat on this host killed while advancing.
+            return await runner.retry(conversation_id)
+        except NondeterminismError as exc:
+            if not restart:
+                raise DynapromptError(
+                    f"{exc}. Fix the dialog and run again to continue, or pass --restart to start the conversation "
+                    "again (its log is kept)"
+                ) from exc
+            status = await runner.status(conversation_id)
+    why = f"its last run {status.state}" + (f": {status.error}" if status.error else "")
     channel.show("-- ", f"starting conversation {conversation_id!r} again ({why}); Ctrl-D or Ctrl-C leaves")
     return await runner.start(chosen, conversation_id)
 
@@ -179,11 +216,16 @@ async def _show_history(runner: Runner, conversation_id: str, channel: ConsoleCh
 
 
 async def _ended(runner: Runner, conversation_id: str, ended: list[Status]) -> bool:
+    """True once the conversation has ended and has nothing left to say (no scheduled send still due later)."""
     if not ended:
         status = await runner.status(conversation_id)
-        if status.state in _ENDED:
+        if _over(status):
             ended.append(status)
     return bool(ended)
+
+
+def _over(status: Status) -> bool:
+    return status.state in _ENDED and status.wake_at is None
 
 
 def _report_end(channel: ConsoleChannel, status: Status) -> int:
@@ -195,15 +237,16 @@ def _report_end(channel: ConsoleChannel, status: Status) -> int:
     return 1
 
 
-async def _leave_on_signal(scope: anyio.CancelScope) -> None:
+async def _leave_on_signal(scope: anyio.CancelScope, *, task_status: TaskStatus[None]) -> None:
     """Ctrl-C (SIGINT) and SIGTERM end the chat cleanly; nothing is lost, as every write is already durable."""
     try:
-        receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
-        with receiver as signals:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
             async for _ in signals:
                 scope.cancel()
                 return
     except NotImplementedError:  # pragma: no cover - Windows: Ctrl-C raises KeyboardInterrupt instead
+        task_status.started()
         await anyio.sleep_forever()
 
 
