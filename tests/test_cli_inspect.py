@@ -101,7 +101,7 @@ def test_show_prints_the_transcript_or_the_raw_events(capsys: pytest.CaptureFixt
     ]
 
     _, out, _ = run(capsys, "show", "done", "--events", "--store", store_url)
-    kinds = [line.split()[3] for line in out.splitlines()[3:]]
+    kinds = [line.split()[4] for line in out.splitlines()[3:]]
     assert kinds[0] == "started"
     assert {"sent", "waiting", "reply", "delivered", "completed"} <= set(kinds)
 
