@@ -108,7 +108,7 @@ def test_show_prints_the_transcript_or_the_raw_events(capsys: pytest.CaptureFixt
     _, out, _ = run(capsys, "show", "done", "--events", "--json", "--store", store_url)
     events = json.loads(out)["events"]
     assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
-    assert events[-1]["kind"] == "completed"
+    assert "completed" in [event["kind"] for event in events]
     _, out, _ = run(capsys, "show", "done", "--json", "--store", store_url)
     assert [entry["text"] for entry in json.loads(out)["transcript"]] == [
         "Anything to say?",
