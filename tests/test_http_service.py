@@ -396,3 +396,33 @@ def test_bad_input_over_http_gets_the_right_4xx_and_stores_nothing(service: Serv
             assert error["status"] == status
             assert error["message"]
         assert (client.get("/conversations").json(), transcript(client, "b1")) == before
+
+
+# -- the example client ----------------------------------------------------------------------------
+
+
+def test_the_example_client_prints_the_streamed_bot_messages_until_the_end(service: Service) -> None:
+    client = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "http_client.py"),
+            "dragons",
+            "--conversation",
+            "cli",
+            "--url",
+            service.url,
+        ],
+        input="Eve\nno\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert client.returncode == 0, client.stderr
+    lines = client.stdout.splitlines()
+    assert lines[0] == "bot> Hi, I'm Ember. What's your name?"
+    assert re.fullmatch(r"bot> Eve! My neighbour has a \w+ called Eve\. It bites\.", lines[1])
+    assert lines[2:] == [
+        "bot> Do you have a minute to talk, Eve?",
+        "bot> Another time then. Goodbye, Eve!",
+        "-- conversation completed",
+    ]
