@@ -17,9 +17,11 @@ _registry: dict[str, Dialog] = {}
 
 
 class Dialog:
-    """A registered dialog. Calling it inside another dialog yields a sub-dialog::
+    """A registered dialog (what ``@dialog`` returns).
 
-    answer = yield yes_no("Like dragons?")
+    Calling it inside another dialog yields a sub-dialog::
+
+        answer = yield yes_no("Like dragons?")
     """
 
     def __init__(self, fn: DialogFunction, name: str, version: str | None) -> None:
