@@ -213,7 +213,24 @@ class Runner:
                     await self.store.release(conversation_id, self.owner, None)
                     raise ConversationExistsError(conversation_id, "being advanced by another runner") from None
                 execution = Execution.begin(conversation_id, chosen, started, history)
-            return await self._advance_and_release(conversation_id, execution)
+            retry_row: ConversationRow | None = None
+            for _ in range(_MAX_ATTEMPTS):
+                try:
+                    return await self._advance_and_release(conversation_id, execution, retry_row)
+                except ConflictError:
+                    # The run has started, but another runner made a reply durable while this one advanced it
+                    # (during a call, say): take the conversation back and go on, or leave it to its new holder.
+                    now = self.clock.now()
+                    row = await self.store.get(conversation_id)
+                    retry_row = None if row is None else await self._acquire(conversation_id, row, now)
+                    if retry_row is None:
+                        return await self.status(conversation_id)
+                    try:
+                        execution = await self._execution(retry_row)
+                    except BaseException:
+                        await self.store.release(conversation_id, self.owner, None)
+                        raise
+            return await self.status(conversation_id)
 
     async def deliver(self, conversation_id: str, text: str, *, metadata: dict[str, Any] | None = None) -> Status:
         """Hand the conversation an inbound message.
@@ -480,10 +497,19 @@ class Runner:
                     await self._advance_and_release(conversation_id, execution, leased)
                     return
                 except ConflictError:
+                    # A reply was made durable meanwhile and the failed advance dropped our lease: claim it
+                    # again and go on, so that reply is consumed now, not on some later pass.
                     current = await self.store.get(conversation_id)
-                    if current is None or current.lease_owner != self.owner:
+                    now = self.clock.now()
+                    retaken = None if current is None else await self._acquire(conversation_id, current, now)
+                    if retaken is None:
                         return
-                    leased, execution = current, await self._execution(current)
+                    leased = retaken
+                    try:
+                        execution = await self._execution(leased)
+                    except BaseException:
+                        await self.store.release(conversation_id, self.owner, None)
+                        raise
 
     async def _execution(self, row: ConversationRow) -> Execution:
         """The conversation's execution, from the cache if it is current, else replayed from the log."""

@@ -90,6 +90,81 @@ async def test_replies_sent_while_the_dialog_sleeps_are_queued_and_consumed_in_o
     ]
 
 
+async def test_reply_delivered_by_another_runner_during_a_call_is_durable_and_consumed_next(
+    store: Store, clock: VirtualClock, cache_size: int
+) -> None:
+    entered, gate = anyio.Event(), anyio.Event()
+    runs: list[str] = []
+
+    async def think() -> str:
+        runs.append("ran")
+        entered.set()
+        await gate.wait()
+        return "thought"
+
+    @dialog
+    async def busy():
+        yield send("thinking...")
+        result = yield call(think)
+        reply = yield wait_for_reply()
+        yield send(f"{result}; you said {reply.text}")
+
+    busy_channel, other_channel = ListChannel(), ListChannel()
+    async with (
+        Runner(store, busy_channel, clock=clock, cache_size=cache_size) as busy_runner,
+        Runner(store, other_channel, clock=clock, cache_size=cache_size) as other_runner,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(busy_runner.start, busy, "c1")
+        with anyio.fail_after(5):
+            await entered.wait()
+        during = await other_runner.deliver("c1", "hello")  # returns once durable; the busy runner goes on
+        assert during.state == "running"
+        assert ("in", "hello") in await texts(other_runner, "c1")
+        gate.set()
+    assert busy_channel.texts() == ["thinking...", "thought; you said hello"]
+    assert runs == ["ran"]  # the conflicting append did not make the call run again
+    assert other_channel.texts() == []
+    assert (await other_runner.status("c1")).state == "completed"
+
+
+async def test_reply_delivered_during_a_call_after_a_timer_is_consumed_by_the_busy_runner(
+    store: Store, clock: VirtualClock, cache_size: int
+) -> None:
+    entered, gate = anyio.Event(), anyio.Event()
+    runs: list[str] = []
+
+    async def think() -> str:
+        runs.append("ran")
+        entered.set()
+        await gate.wait()
+        return "thought"
+
+    @dialog
+    async def wakes_and_thinks():
+        yield sleep("1 hour")
+        result = yield call(think)
+        reply = yield wait_for_reply()
+        yield send(f"{result}; you said {reply.text}")
+
+    busy_channel = ListChannel()
+    async with (
+        Runner(store, busy_channel, clock=clock, cache_size=cache_size) as busy_runner,
+        Runner(store, clock=clock, cache_size=cache_size) as other_runner,
+    ):
+        await busy_runner.start(wakes_and_thinks, "c1")
+        clock.advance(timedelta(hours=1))
+        async with anyio.create_task_group() as group:
+            group.start_soon(busy_runner.run_due)
+            with anyio.fail_after(5):
+                await entered.wait()
+            await other_runner.deliver("c1", "hello")
+            gate.set()
+        assert busy_channel.texts() == ["thought; you said hello"]
+        assert runs == ["ran"]
+        assert (await other_runner.status("c1")).state == "completed"
+
+
 async def test_a_burst_of_replies_is_consumed_one_per_wait_for_reply(runner: Runner, channel: ListChannel) -> None:
     @dialog
     async def one_at_a_time():
