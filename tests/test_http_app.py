@@ -297,6 +297,11 @@ async def test_openapi_describes_every_route_with_the_pydantic_schemas(client: h
     deliver = document["paths"]["/conversations/{conversation_id}/messages"]["post"]
     assert deliver["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/MessageIn"}
     assert set(deliver["responses"]) >= {"200", "400", "401", "404", "409", "413", "422"}
+    hook = document["webhooks"]["botMessage"]["post"]
+    assert hook["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/OutboundMessage"
+    }
+    assert [p["name"] for p in hook["parameters"]] == ["Idempotency-Key", "X-Dynaprompt-Signature"]
     refs = {ref for ref in _refs(document)}
     assert refs <= {f"#/components/schemas/{name}" for name in schemas}
     assert openapi_document(["dragons", "test_http.echo"]) == document

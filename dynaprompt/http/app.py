@@ -491,6 +491,38 @@ def openapi_document(dialogs: Sequence[str] = ()) -> dict[str, Any]:
             ),
         },
         "paths": paths,
+        "webhooks": {
+            "botMessage": {
+                "post": {
+                    "summary": "A bot message, POSTed to --webhook until a 2xx acknowledges it",
+                    "operationId": "botMessage",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "The message id, the same on every retry: drop duplicates by it.",
+                        },
+                        {
+                            "name": "X-Dynaprompt-Signature",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string", "pattern": "^sha256=[0-9a-f]{64}$"},
+                            "description": "With --webhook-secret: HMAC-SHA256 of the raw body under the secret.",
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("OutboundMessage")}},
+                    },
+                    "responses": {
+                        "2XX": {"description": "Acknowledged."},
+                        "default": {"description": "Not acknowledged: retried with backoff."},
+                    },
+                }
+            }
+        },
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
