@@ -478,10 +478,14 @@ class Runner:
     async def _fire(self, conversation_id: str) -> None:
         async with self._lock(conversation_id):
             now = self.clock.now()
-            row = await self.store.get(conversation_id)
-            if row is None:
-                return
-            leased = await self._acquire(conversation_id, row, now)
+            # Due work usually has a free lease: claim it at once, read the row only when that fails (a dead
+            # holder's lease may then be taken over). One statement per wake-up instead of two.
+            leased = await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
+            if leased is None:
+                row = await self.store.get(conversation_id)
+                if row is None:
+                    return
+                leased = await self._acquire(conversation_id, row, now)
             if leased is None:
                 return
             try:
