@@ -389,3 +389,102 @@ async def test_wait_timeout_is_due_at_its_instant_not_before() -> None:
     assert (done.state, done.result) == ("completed", "silence")
     _, replayed = await convo.replay(T0 + timedelta(days=1))
     assert (replayed.events, replayed.result) == ([], "silence")
+
+
+async def test_error_raised_in_a_sub_dialog_reaches_the_parent_warm_and_on_replay() -> None:
+    @dialog
+    def strict_number():
+        reply = yield wait_for_reply()
+        return int(reply.text)
+
+    @dialog
+    async def asker():
+        while True:
+            try:
+                number = yield strict_number()
+            except ValueError:
+                yield send("That is not a number.")
+            else:
+                yield finish(number)
+
+    convo = Log(asker)
+    await convo.advance()
+    await convo.reply("seven")
+    done = await convo.reply("7")
+    assert (done.state, done.result) == ("completed", 7)
+    assert convo.texts() == ["That is not a number."]
+    ended = [event for event in convo.events if isinstance(event, SubEnded)]
+    assert [e.error.type if e.error else e.result for e in ended] == ["ValueError", 7]
+    _, replayed = await convo.replay()
+    assert (replayed.events, replayed.result) == ([], 7)
+
+
+async def test_nested_sub_dialogs_each_end_only_themselves() -> None:
+    @dialog
+    async def innermost():
+        yield finish("deep")
+        yield send("never")
+
+    @dialog
+    def middle():
+        value = yield innermost()
+        yield send(f"middle got {value}")
+        return f"{value}er"
+
+    @dialog
+    async def outer():
+        value = yield middle()
+        yield send(f"outer got {value}")
+
+    convo = Log(outer)
+    done = await convo.advance()
+    assert done.state == "completed"
+    assert convo.texts() == ["middle got deep", "outer got deeper"]
+    assert [event.kind for event in convo.events].count("sub_started") == 2
+    _, replayed = await convo.replay()
+    assert (replayed.events, replayed.state) == ([], "completed")
+
+
+async def test_call_with_a_result_that_is_not_json_raises_call_error_naming_it() -> None:
+    @dialog
+    async def bad_result():
+        try:
+            yield call(set, [1, 2])
+        except CallError as exc:
+            yield send(f"{exc.type_name}")
+        yield wait_for_reply()
+
+    convo = Log(bad_result)
+    await convo.advance()
+    assert convo.texts() == ["NotJSONError"]
+    _, replayed = await convo.replay()
+    assert (replayed.call, replayed.events, replayed.state) == (None, [], "waiting_for_reply")
+
+
+async def test_queued_reply_beats_a_zero_timeout_and_no_reply_times_out_at_once() -> None:
+    @dialog
+    async def quick():
+        yield sleep(10)
+        first = yield wait_for_reply(timeout=0)
+        second = yield wait_for_reply(timeout=0)
+        yield finish([None if r is None else r.text for r in (first, second)])
+
+    convo = Log(quick)
+    await convo.advance()
+    await convo.reply("early")
+    done = await convo.advance(T0 + timedelta(seconds=10))
+    assert (done.state, done.result) == ("completed", ["early", None])
+
+
+async def test_yielding_something_that_is_not_an_effect_fails_the_dialog_with_a_clear_error() -> None:
+    @dialog
+    async def confused():
+        yield "hello"
+
+    convo = Log(confused)
+    done = await convo.advance()
+    assert done.state == "failed"
+    assert done.error is not None
+    assert done.error.type == "DynapromptError"
+    assert "may only yield effects" in done.error.message
+    assert "'hello'" in done.error.message
