@@ -108,8 +108,17 @@ def render_table(
     return "\n".join(out)
 
 
+def _out(text: str) -> None:
+    """Print a line; when the reader has gone (``| head``), stop quietly with 141, as a SIGPIPE'd tool would."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        raise SystemExit(141) from None
+
+
 def _dump(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    _out(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 # -- ls, show ------------------------------------------------------------------
@@ -138,7 +147,7 @@ async def run_ls(args: argparse.Namespace) -> int:
         _dump([_summary(row) for row in rows])
         return 0
     if not rows:
-        print("no conversations" + (f" in state {args.state}" if args.state else ""))
+        _out("no conversations" + (f" in state {args.state}" if args.state else ""))
         return 0
     table = [
         [
@@ -147,7 +156,7 @@ async def run_ls(args: argparse.Namespace) -> int:
         ]
         for row in rows
     ]  # fmt: skip
-    print(render_table(["ID", "DIALOG", "STATE", "WAKES", "LAST ACTIVITY", "ERROR"], table, colour=_use_colour()))
+    _out(render_table(["ID", "DIALOG", "STATE", "WAKES", "LAST ACTIVITY", "ERROR"], table, colour=_use_colour()))
     return 0
 
 
@@ -172,20 +181,20 @@ async def run_show(args: argparse.Namespace) -> int:
         return 0
     colour = _use_colour()
     state = _paint(row.state, _COLOURS.get(row.state), colour) + (" (parked)" if row.parked else "")
-    print(f"{row.id}  dialog {row.dialog}  run {row.run}  {state}  wakes {_when(row.wake_at)}")
+    _out(f"{row.id}  dialog {row.dialog}  run {row.run}  {state}  wakes {_when(row.wake_at)}")
     if row.error:
-        print(_paint(f"error: {row.error}", "31", colour))
-    print()
+        _out(_paint(f"error: {row.error}", "31", colour))
+    _out("")
     if args.events:
         rows = [[str(e.seq), _when(e.at), e.kind, _details(e)] for e in events]
-        print(render_table(["SEQ", "AT", "KIND", "DETAILS"], rows, colour=colour))
+        _out(render_table(["SEQ", "AT", "KIND", "DETAILS"], rows, colour=colour))
         return 0
     for entry in transcript:
         who = _paint("bot ", "36", colour) if entry.direction == "out" else _paint("user", "33", colour)
         lines = entry.text.splitlines() or [""]
-        print(f"{_when(entry.at)}  {who}  {lines[0]}")
+        _out(f"{_when(entry.at)}  {who}  {lines[0]}")
         for more in lines[1:]:
-            print(" " * (len(_when(entry.at)) + 8) + more)
+            _out(" " * (len(_when(entry.at)) + 8) + more)
     return 0
 
 
@@ -273,7 +282,7 @@ async def run_replay_check(args: argparse.Namespace) -> int:
     if verdicts:
         paint = {"ok": "32", "diverges": "31", "error": "33"}
         rows = [[v.conversation_id, v.dialog, v.state, v.verdict, v.detail or ""] for v in verdicts]
-        print(render_table(["ID", "DIALOG", "STATE", "VERDICT", "DETAIL"], rows, colour=colour, codes=paint))
+        _out(render_table(["ID", "DIALOG", "STATE", "VERDICT", "DETAIL"], rows, colour=colour, codes=paint))
     names_text = ", ".join(sorted(names))
-    print(f"{len(verdicts)} live conversation(s) of {names_text} checked; {len(diverging)} would diverge")
+    _out(f"{len(verdicts)} live conversation(s) of {names_text} checked; {len(diverging)} would diverge")
     return 1 if diverging else 0
