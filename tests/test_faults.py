@@ -236,3 +236,51 @@ async def test_last_message_of_an_ended_conversation_is_redelivered(
         assert channel.texts() == ["bye"]
         assert channel.attempts == ["c1:2", "c1:2"]
         assert (await runner.status("c1")).state == "completed"
+
+
+async def test_refused_scheduled_message_is_not_in_the_transcript_until_delivered(
+    store: Store, clock: VirtualClock, cache_size: int
+) -> None:
+    @dialog
+    async def reminder():
+        yield send("Take your pills", at="in 1 hour")
+        yield wait_for_reply()
+
+    channel = FlakyChannel("Take your pills")
+    async with Runner(store, channel, clock=clock, cache_size=cache_size) as runner:
+        await runner.start(reminder, "c1")
+        clock.advance(timedelta(hours=1))
+        await runner.run_due()
+        assert channel.texts() == []
+        assert await runner.transcript("c1") == []
+        clock.advance(timedelta(minutes=5))
+        await runner.run_due()
+        assert channel.texts() == ["Take your pills"]
+        assert channel.attempts == ["c1:2", "c1:2"]
+        (entry,) = await runner.transcript("c1")
+        assert (entry.id, entry.at) == ("c1:2", START + timedelta(hours=1, minutes=5))
+
+
+async def test_refused_reply_to_a_deliver_is_redelivered_and_the_inbound_message_is_kept(
+    store: Store, clock: VirtualClock, cache_size: int
+) -> None:
+    channel = FlakyChannel("echo hi")
+    async with Runner(store, channel, clock=clock, cache_size=cache_size) as runner:
+        await runner.start(fragile, "c1")
+        status = await runner.deliver("c1", "hi")  # returns: the reply is durable though the answer was refused
+        assert status.state == "waiting_for_reply"
+        assert channel.texts() == []
+        await runner.run_due()
+        assert channel.texts() == ["echo hi"]
+        assert [entry.text for entry in await runner.transcript("c1")] == ["hi", "echo hi"]
+
+
+async def test_a_dialog_that_raises_at_once_fails_its_start_without_raising(runner: Runner) -> None:
+    @dialog
+    async def broken(name: str):
+        yield send(name.upper())  # name is None: AttributeError
+
+    status = await runner.start(broken, "c1", None)
+    assert status.state == "failed"
+    assert status.error is not None
+    assert status.error.startswith("AttributeError")
