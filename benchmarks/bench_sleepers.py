@@ -1,0 +1,330 @@
+"""Benchmark: many conversations asleep at once, woken by ``Runner.serve()`` on the system clock.
+
+Run ``python benchmarks/bench_sleepers.py`` (``--n 10000 --spread 5`` are the defaults; ``--help``
+lists the rest). N conversations each run ``sleeper`` below: ``sleep_until(instant)``, then
+``send("awake")``. The instants are spread evenly over ``--spread`` seconds, starting once every
+sleeper is asleep. A channel writes down the wall time at which each ``awake`` message is handed
+over; *lateness* is that time minus the instant the sleeper asked for, so it covers everything
+between the timer falling due and the channel holding the message: the serve loop noticing it, the
+due query, the lease, loading and replaying the log, the appends, the hand-off.
+
+Memory is measured while every sleeper sleeps (before the first one is due), in the same process
+that started them and is serving them, against the same run with 0 sleepers: tracemalloc's current
+and peak (Python allocations since the runner was created, traced in a separate run so tracing does
+not slow the wake-ups) and the resident set size. It is measured with the live-generator cache off
+(``Runner(cache_size=0)``) and with the default cache (1,024 entries): with the cache off a sleeper
+costs the process nothing but its store rows; with it on, at most ``cache_size`` sleepers stay warm,
+so memory stops growing at the cache's bound, whatever N is.
+
+Each configuration runs in its own child process, so RSS figures belong to it alone. SQLite always
+runs; MongoDB runs when ``--mongo-uri`` is given or ``DYNAPROMPT_TEST_MONGODB_URI`` is set (each
+child uses a database of its own, dropped afterwards).
+
+This file reads the wall clock (``time.time``) on purpose: it measures the library; the library
+itself takes all of its time from its runner's clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+
+from dynaprompt import Message, Runner, dialog, open_store, send, sleep_until
+
+TARGET_P99_MS = 50.0
+
+
+@dialog(name="bench:sleeper")
+def sleeper(wake_at: str) -> Any:
+    """Sleep until ``wake_at`` (ISO), then say so."""
+    yield sleep_until(datetime.fromisoformat(wake_at))
+    yield send("awake")
+
+
+class StopwatchChannel:
+    """Writes down when each conversation's first message is handed over (wall time, seconds)."""
+
+    def __init__(self, expected: int) -> None:
+        self.handed: dict[str, float] = {}
+        self.expected = expected
+        self.all_handed = anyio.Event()
+
+    async def deliver(self, message: Message) -> None:
+        self.handed.setdefault(message.conversation_id, time.time())
+        if len(self.handed) >= self.expected:
+            self.all_handed.set()
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak is the best there is
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+# -- one configuration (a child process) ------------------------------------------------------------------------
+
+
+def store_url(kind: str, folder: Path, mongo_uri: str | None, label: str) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{folder / label}.db"
+    assert mongo_uri is not None
+    parts = urlsplit(mongo_uri)
+    return urlunsplit((parts.scheme, parts.netloc, f"/dynaprompt_bench_{label}_{os.getpid()}", parts.query, ""))
+
+
+async def discard(kind: str, url: str) -> None:
+    """Remove a benchmark store: its SQLite files, or its MongoDB database."""
+    if kind == "sqlite":
+        path = url.removeprefix("sqlite:///")
+        for suffix in ("", "-wal", "-shm"):
+            Path(path + suffix).unlink(missing_ok=True)  # noqa: ASYNC240 - a benchmark's teardown, not a hot path
+    else:
+        await drop_mongo(url)
+
+
+async def drop_mongo(url: str) -> None:
+    try:
+        from pymongo import AsyncMongoClient
+    except ImportError:  # pragma: no cover - the mongo leg needs pymongo anyway
+        return
+    client: Any = AsyncMongoClient(url)
+    try:
+        await client.drop_database(urlsplit(url).path.lstrip("/"))
+    finally:
+        await client.close()
+
+
+async def start_sleepers(
+    runner: Runner, count: int, first_at: datetime, spread: float, prefix: str
+) -> dict[str, float]:
+    """Start ``count`` sleepers, due evenly over ``spread`` seconds from ``first_at``, in shuffled order."""
+    offsets = [spread * i / max(1, count - 1) for i in range(count)]
+    random.Random(7).shuffle(offsets)
+    due: dict[str, float] = {}
+    for i, offset in enumerate(offsets):
+        instant = first_at + timedelta(seconds=offset)
+        conversation_id = f"{prefix}{i:06d}"
+        await runner.start(sleeper, conversation_id, instant.isoformat())
+        due[conversation_id] = instant.timestamp()
+    return due
+
+
+async def seconds_per_start(kind: str, folder: Path, mongo_uri: str | None, cache_size: int) -> float:
+    """How long one start takes on this store (a scratch store), to place the first wake-up after setup."""
+    url = store_url(kind, folder, mongo_uri, f"calibrate-{os.getpid()}")
+    store = await open_store(url)
+    try:
+        async with Runner(store, cache_size=cache_size) as runner:
+            count = 300
+            began = time.perf_counter()
+            await start_sleepers(runner, count, datetime.now(UTC) + timedelta(days=1), 1.0, "calibrate-")
+            return (time.perf_counter() - began) / count
+    finally:
+        await store.close()
+        await discard(kind, url)
+
+
+async def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """One child: start N sleepers, measure memory while they sleep, then (unless tracing) serve and time them."""
+    folder = Path(args.dir)
+    per_start = await seconds_per_start(args.store, folder, args.mongo_uri, args.cache_size) if args.n else 0.0
+    url = store_url(args.store, folder, args.mongo_uri, f"n{args.n}-cache{args.cache_size}-trace{int(args.trace)}")
+    store = await open_store(url)
+    result: dict[str, Any] = {"store": args.store, "n": args.n, "cache_size": args.cache_size, "trace": args.trace}
+    try:
+        gc.collect()
+        if args.trace:
+            tracemalloc.start()
+        rss_before = current_rss_mb()
+        channel = StopwatchChannel(args.n)
+        async with Runner(store, channel, cache_size=args.cache_size) as runner:
+            traced_before = tracemalloc.get_traced_memory()[0] if args.trace else 0
+            # The first wake-up comes after setup: the calibrated setup time with room to spare.
+            lead = per_start * args.n * 1.5 + args.margin
+            first_at = datetime.now(UTC) + timedelta(seconds=lead)
+            began = time.perf_counter()
+            due = await start_sleepers(runner, args.n, first_at, args.spread, "s")
+            result["setup_seconds"] = time.perf_counter() - began
+            gc.collect()
+            if args.trace:
+                current, peak = tracemalloc.get_traced_memory()
+                tracemalloc.stop()
+                result["traced_mb"] = (current - traced_before) / 2**20
+                result["traced_peak_mb"] = (peak - traced_before) / 2**20
+            result["rss_mb"] = current_rss_mb()
+            result["rss_growth_mb"] = result["rss_mb"] - rss_before
+            result["cached"] = len(runner._cache)
+            if args.trace or args.n == 0:
+                return result
+            headroom = first_at.timestamp() - time.time()
+            result["headroom_seconds"] = headroom
+            if headroom < 0.2:
+                result["error"] = f"setup overran the first wake-up by {-headroom:.2f} s; raise --margin"
+                return result
+            cpu_before, wall_before = time.process_time(), time.time()
+            with anyio.move_on_after(lead + args.spread + args.timeout) as scope:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(runner.serve)
+                    await channel.all_handed.wait()
+                    group.cancel_scope.cancel()
+            result["timed_out"] = scope.cancelled_caught
+            # CPU per wake-up is what a core must give; wall time beyond it was spent waiting (I/O, other processes).
+            result["cpu_ms_per_wake"] = (time.process_time() - cpu_before) * 1000 / max(1, len(channel.handed))
+            result["serve_seconds"] = time.time() - wall_before
+            result["load_average"] = os.getloadavg()[0]
+            late_ms = sorted((channel.handed[cid] - due[cid]) * 1000 for cid in channel.handed)
+            result["woken"] = len(late_ms)
+            if late_ms:
+                result["late_ms"] = {
+                    "min": late_ms[0], "p50": percentile(late_ms, 0.50), "p90": percentile(late_ms, 0.90),
+                    "p99": percentile(late_ms, 0.99), "max": late_ms[-1], "mean": statistics.fmean(late_ms),
+                }  # fmt: skip
+            result["early"] = sum(1 for value in late_ms if value < 0)
+        return result
+    finally:
+        await store.close()
+        await discard(args.store, url)
+
+
+# -- the parent: run the children, print the table --------------------------------------------------------------
+
+
+def run_child(argv: list[str]) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"a benchmark child failed (exit {done.returncode}): {' '.join(argv)}")
+    parsed: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
+    lines = [
+        f"dynaprompt sleepers: {args.n} conversations asleep, due evenly over {args.spread:g} s, "
+        "woken by Runner.serve() on the system clock",
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; lateness = hand-off wall time - requested instant",
+        "",
+        f"{'store':<7}{'cache':>6}{'setup s':>9}{'woken':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        f"{'cpu ms/wake':>12}{'load':>6}  verdict",
+    ]
+    for run in runs:
+        if run["trace"] or run["n"] == 0:
+            continue
+        late = run.get("late_ms", {})
+        if "error" in run:
+            verdict = run["error"]
+        elif run.get("woken", 0) < run["n"]:
+            verdict = f"only {run.get('woken', 0)} of {run['n']} woke before the timeout"
+        else:
+            verdict = "meets" if late["p99"] < TARGET_P99_MS else "MISSES"
+            verdict += f" the p99 < {TARGET_P99_MS:g} ms target"
+            if run["early"]:
+                verdict += f"; {run['early']} EARLY"
+        lines.append(
+            f"{run['store']:<7}{run['cache_size']:>6}{run['setup_seconds']:>9.1f}{run.get('woken', 0):>8}"
+            f"{late.get('p50', float('nan')):>9.1f}{late.get('p99', float('nan')):>9.1f}"
+            f"{late.get('max', float('nan')):>9.1f}{run.get('cpu_ms_per_wake', float('nan')):>12.3f}"
+            f"{run.get('load_average', float('nan')):>6.1f}  {verdict}"
+        )
+    lines += [
+        "",
+        "memory while they sleep (the process that started them and serves them), vs 0 sleepers:",
+        f"{'store':<7}{'cache':>6}{'sleepers':>10}{'traced MB':>11}{'traced peak':>13}{'RSS MB':>9}"
+        f"{'RSS growth':>12}{'cached':>8}",
+    ]
+    for run in runs:
+        if not (run["trace"] or run["n"] == 0):
+            continue
+        lines.append(
+            f"{run['store']:<7}{run['cache_size']:>6}{run['n']:>10}{run.get('traced_mb', float('nan')):>11.2f}"
+            f"{run.get('traced_peak_mb', float('nan')):>13.2f}{run['rss_mb']:>9.1f}{run['rss_growth_mb']:>12.1f}"
+            f"{run['cached']:>8}"
+        )
+    lines += [
+        "",
+        "cpu ms/wake = this process's CPU time while serving / wake-ups: 1000 / it is the most wake-ups per second",
+        "one core can give; load = the machine's 1-minute load average then (other processes competing for it).",
+        "traced = Python allocations still held once every sleeper sleeps (since the runner was created);",
+        "peak includes the transient garbage of starting them. RSS includes SQLite's own page cache (bounded).",
+    ]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="sleeping conversations (default 10000)")
+    parser.add_argument("--spread", type=float, default=5.0, help="seconds over which they fall due (default 5)")
+    parser.add_argument("--margin", type=float, default=2.0, help="seconds between setup's end and the first wake-up")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for stragglers (default 60)")
+    parser.add_argument(
+        "--mongo-uri", default=os.environ.get("DYNAPROMPT_TEST_MONGODB_URI"),
+        help="also run on MongoDB at this URI (default: $DYNAPROMPT_TEST_MONGODB_URI)",
+    )  # fmt: skip
+    parser.add_argument("--cache", default="0,1024", help="cache sizes to run, comma-separated (default 0,1024)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the traced memory runs")
+    parser.add_argument("--dir", default=None, help="where the SQLite files go (default: a temporary folder)")
+    parser.add_argument("--json", action="store_true", help="print the raw figures as JSON after the table")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--store", default="sqlite", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.child:
+        print(json.dumps(anyio.run(run_config, args)))
+        return
+    with tempfile.TemporaryDirectory(prefix="dynaprompt-sleepers-") as scratch:
+        folder = args.dir or scratch
+        stores = ["sqlite"] + (["mongo"] if args.mongo_uri else [])
+        runs: list[dict[str, Any]] = []
+        for kind in stores:
+            for cache_size in [int(size) for size in args.cache.split(",")]:
+                common = ["--store", kind, "--cache-size", str(cache_size), "--dir", str(folder)]
+                common += ["--spread", str(args.spread), "--margin", str(args.margin), "--timeout", str(args.timeout)]
+                if args.mongo_uri:
+                    common += ["--mongo-uri", args.mongo_uri]
+                runs.append(run_child([*common, "--n", str(args.n)]))
+                if not args.no_memory:
+                    runs.append(run_child([*common, "--n", "0", "--trace"]))
+                    runs.append(run_child([*common, "--n", str(args.n), "--trace"]))
+                else:
+                    runs.append(run_child([*common, "--n", "0"]))
+                    runs.append({**runs[-2], "trace": True})
+    print(report(args, runs))
+    if args.json:
+        print(json.dumps(runs, indent=2))
+
+
+if __name__ == "__main__":
+    main()

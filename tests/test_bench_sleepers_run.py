@@ -1,0 +1,37 @@
+"""benchmarks/bench_sleepers.py still runs end to end (tiny N; the figures themselves are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sleepers.py"
+
+
+def test_the_sleepers_benchmark_wakes_every_sleeper_and_prints_its_table(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--n", "20", "--spread", "0.2", "--margin", "1", "--timeout", "30",
+         "--cache", "0", "--dir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table, _, raw = done.stdout.partition("\n[")
+    assert "dynaprompt sleepers: 20 conversations asleep" in table
+    assert "p50 ms" in table
+    assert "memory while they sleep" in table
+    runs = json.loads("[" + raw)
+    [timed] = [run for run in runs if not run["trace"] and run["n"] == 20]
+    assert "error" not in timed
+    assert timed["woken"] == 20
+    assert timed["early"] == 0  # no sleeper was woken before the instant it asked for
+    assert set(timed["late_ms"]) >= {"p50", "p99", "max"}
+    traced = [run for run in runs if run["trace"]]
+    assert sorted(run["n"] for run in traced) == [0, 20]
+    assert all("traced_mb" in run and "rss_mb" in run for run in traced)
+    assert list(tmp_path.iterdir()) == []  # the benchmark's stores are removed
