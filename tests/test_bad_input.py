@@ -7,6 +7,7 @@ transcript still holds every earlier reply.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -30,7 +31,10 @@ from dynaprompt import (
     UnknownConversationError,
     UnknownDialogError,
     UnknownTimeZoneError,
+    call,
     dialog,
+    finish,
+    now,
     open_store,
     send,
     sleep,
@@ -240,3 +244,33 @@ async def test_every_error_the_library_defines_is_a_dynaprompt_error() -> None:
     assert issubclass(NotJSONError, InvalidInputError)
     assert issubclass(UnknownConversationError, ConversationError)
     assert issubclass(CorruptEventError, dynaprompt.errors.StoreError)
+
+
+async def test_the_sqlite_log_holds_json_only(tmp_path: Path, clock: VirtualClock) -> None:
+    def lookup_weather() -> dict[str, object]:
+        return {"sky": "clear", "degrees": 21}
+
+    @dialog
+    async def everything():
+        yield send("hi", at="in 1 minute")
+        yield call(lookup_weather)
+        yield now()
+        reply = yield wait_for_reply(timeout=60)
+        yield finish(reply.text if reply else None)
+
+    store = await open_store(f"sqlite:///{tmp_path}/bot.db")
+    try:
+        async with Runner(store, clock=clock) as runner:
+            await runner.start(everything, "c1")
+            await runner.deliver("c1", "done", metadata={"via": "sms"})
+    finally:
+        await store.close()
+    database = sqlite3.connect(f"{tmp_path}/bot.db")
+    bodies = [body for (body,) in database.execute("SELECT body FROM events ORDER BY seq")]
+    database.close()
+    decoded = [json.loads(body) for body in bodies]  # plain JSON: no pickle, no code
+    assert [event["seq"] for event in decoded] == list(range(1, len(decoded) + 1))
+    kinds = {event["kind"] for event in decoded}
+    assert {"started", "sent", "called", "now", "waiting", "reply", "completed"} <= kinds
+    called = next(event for event in decoded if event["kind"] == "called")
+    assert called["result"] == {"sky": "clear", "degrees": 21}

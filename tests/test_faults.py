@@ -284,3 +284,38 @@ async def test_a_dialog_that_raises_at_once_fails_its_start_without_raising(runn
     assert status.state == "failed"
     assert status.error is not None
     assert status.error.startswith("AttributeError")
+
+
+class LogCheckingChannel(ListChannel):
+    """Checks, as each message arrives, that the store already holds the send it came from."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.recorded_first: list[bool] = []
+
+    async def deliver(self, message: Message) -> None:
+        seq = int(message.id.rsplit(":", 1)[1])
+        events = await self.store.load(message.conversation_id)
+        self.recorded_first.append(any(event.seq == seq and event.kind == "sent" for event in events))
+        await super().deliver(message)
+
+
+async def test_a_send_is_recorded_before_it_is_handed_to_the_channel(
+    store: Store, clock: VirtualClock, cache_size: int
+) -> None:
+    @dialog
+    async def talker():
+        yield send("now")
+        yield send("later", at="in 1 minute")
+        reply = yield wait_for_reply()
+        yield send(f"got {reply.text}")
+
+    channel = LogCheckingChannel(store)
+    async with Runner(store, channel, clock=clock, cache_size=cache_size) as runner:
+        await runner.start(talker, "c1")
+        clock.advance(60)
+        await runner.run_due()
+        await runner.deliver("c1", "x")
+    assert channel.texts() == ["now", "later", "got x"]
+    assert channel.recorded_first == [True, True, True]
