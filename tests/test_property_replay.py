@@ -15,6 +15,9 @@ The same program and behaviour run twice, on separate stores and clocks:
 * cold: a brand-new ``Runner`` (and for SQLite a newly opened store) for every
   single step, resuming from the log.
 
+The channel refuses the first hand-off of every "🐉" message, so hand-offs that
+stay queued and are retried later are part of every scenario that sends one.
+
 Both must show the user the same thing (each step's status or error, the
 transcript, the messages handed to the channel), leave the same event log, and
 run every ``call()`` exactly once. The runs are repeated with the live-generator
@@ -45,6 +48,7 @@ from dynaprompt import (
     CallError,
     DynapromptError,
     ListChannel,
+    Message,
     Runner,
     Store,
     call,
@@ -336,12 +340,23 @@ async def finish_run(run: Run, store: Store, channel: ListChannel) -> Run:
     return run
 
 
-OpenStore = Callable[[], AsyncIterator[Store]]
+class RefusesDragonsOnce(ListChannel):
+    """A channel that refuses the first hand-off of every "🐉" message, so queued hand-offs are retried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: set[str] = set()
+
+    async def deliver(self, message: Message) -> None:
+        if message.text == "🐉" and message.id not in self.refused:
+            self.refused.add(message.id)
+            raise ConnectionError(f"{message.id} refused once")
+        await super().deliver(message)
 
 
 async def warm_run(top: Dialog, program: Block, steps: list[tuple[str, Any]], store: Store, cache: bool) -> Run:
     CALLS.clear()
-    run, clock, channel = Run(), VirtualClock(START), ListChannel()
+    run, clock, channel = Run(), VirtualClock(START), RefusesDragonsOnce()
     async with Runner(store, channel, clock=clock, cache_size=1024 if cache else 0) as runner:
         for act in actions(top, program, steps):
             run.outcomes.append(await outcome_of(act, runner, clock))
@@ -352,7 +367,7 @@ async def cold_run(
     top: Dialog, program: Block, steps: list[tuple[str, Any]], reopen: Callable[[], Any], cache: bool
 ) -> Run:
     CALLS.clear()
-    run, clock, channel = Run(), VirtualClock(START), ListChannel()
+    run, clock, channel = Run(), VirtualClock(START), RefusesDragonsOnce()
     for act in actions(top, program, steps):
         async with reopen() as store, Runner(store, channel, clock=clock, cache_size=1024 if cache else 0) as runner:
             run.outcomes.append(await outcome_of(act, runner, clock))
