@@ -13,9 +13,12 @@ import anyio
 import httpx
 import pytest
 
-from dynaprompt import Store, dialog, finish, send, wait_for_reply
+from dynaprompt import Store, StoreUnavailableError, dialog, finish, send, wait_for_reply
+from dynaprompt.events import Event
 from dynaprompt.http import create_app, openapi_document
 from dynaprompt.loading import load_dialog
+from dynaprompt.stores.base import ConversationRow
+from dynaprompt.stores.memory import MemoryStore
 from dynaprompt.testing import VirtualClock
 
 pytestmark = pytest.mark.anyio
@@ -314,3 +317,50 @@ def _refs(node: object) -> list[str]:
     if isinstance(node, list):
         return [ref for value in node for ref in _refs(value)]
     return []
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose database can be 'unplugged': every read then fails as an unreachable server does."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailableError(self.url, "connection refused")
+
+    async def get(self, conversation_id: str) -> ConversationRow | None:
+        self._check()
+        return await super().get(conversation_id)
+
+    async def acquire(self, *args: Any, **kwargs: Any) -> ConversationRow | None:
+        self._check()
+        return await super().acquire(*args, **kwargs)
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Event]:
+        self._check()
+        return await super().load(conversation_id, after_seq)
+
+
+async def test_an_unreachable_store_is_503_and_the_service_recovers(clock: VirtualClock) -> None:
+    store = FlakyStore()
+    app = create_app([echo], store=store, clock=clock)
+    async for client in _client(app):
+        await client.post("/conversations", json={"dialog": "test_http.echo", "conversation_id": "c1"})
+        store.down = True
+        for response in (
+            await client.post("/conversations/c1/messages", json={"text": "hello"}),
+            await client.get("/conversations/c1"),
+        ):
+            assert response.status_code == 503
+            assert error_of(response) == {
+                "status": 503,
+                "type": "StoreUnavailableError",
+                "message": "store memory:// is unavailable: connection refused",
+            }
+        store.down = False
+        assert texts_of(await client.post("/conversations/c1/messages", json={"text": "again"})) == ["echo: again"]
+
+
+def texts_of(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [message["text"] for message in response.json()["messages"]]
