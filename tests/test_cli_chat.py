@@ -12,8 +12,10 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import ClassVar
+from zoneinfo import ZoneInfo
 
 import anyio
 import pytest
@@ -354,3 +356,40 @@ def test_a_conversation_the_code_no_longer_matches_stops_until_fixed_or_restarte
     restarted.expect(r"-- starting conversation 'console' again \(its last run failed: NondeterminismError")
     restarted.expect(r"bot> Hi there\.$")
     assert restarted.close_stdin() == 0
+
+
+SLEEPY_BOT = """
+    from dynaprompt import dialog, send, sleep_until
+
+    @dialog(name="sleepy")
+    async def sleepy():
+        yield send("Talk to you tomorrow morning.")
+        yield sleep_until("tomorrow at 9am")
+        yield send("Good morning!")
+"""
+
+
+def test_tz_sets_the_zone_of_a_new_conversation(tmp_path: Path) -> None:
+    bot = tmp_path / "sleepy_bot.py"
+    bot.write_text(textwrap.dedent(SLEEPY_BOT))
+    url = f"sqlite:///{tmp_path}/sleepy.db"
+    chat = Chat(str(bot), "--store", url, "--tz", "Asia/Tokyo")
+    chat.expect(r"bot> Talk to you tomorrow morning\.$")
+    assert chat.close_stdin() == 0
+
+    async def wake_at() -> datetime | None:
+        store = await open_store(url)
+        try:
+            row = await store.get("console")
+            return None if row is None else row.wake_at
+        finally:
+            await store.close()
+
+    woken = anyio.run(wake_at)
+    assert woken is not None
+    assert woken.astimezone(ZoneInfo("Asia/Tokyo")).hour == 9  # 9am in Tokyo, not in UTC
+
+
+def test_an_unknown_zone_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chat", GUESSBOT, "--store", f"sqlite:///{tmp_path}/x.db", "--tz", "Mars/Olympus"]) == 2
+    assert "unknown time zone 'Mars/Olympus'" in capsys.readouterr().err
