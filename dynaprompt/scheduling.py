@@ -136,6 +136,15 @@ async def _fire_one(runner: Runner, row: ScheduleRow, now: datetime) -> None:
         await runner.store.finish_schedule(row.id, runner.owner, occurrence, row.fired, row.last_fired_at)
         return
     grace = timedelta(seconds=row.grace_seconds) if row.missed == "run_late" else _ON_TIME
+    if row.every is not None and now - occurrence > grace:
+        # Several occurrences were missed and the oldest is past the grace period: the latest one that is not
+        # (if any) is the occurrence to fire; the rest coalesce into it. Only the grace window is walked.
+        recurrence = parse_recurrence(row.every)
+        latest = recurrence.next_after(now - grace - timedelta(microseconds=1), row.tz, anchor=occurrence)
+        if latest <= now:
+            while (following := recurrence.next_after(latest, row.tz, anchor=occurrence)) <= now:
+                latest = following
+            occurrence = latest
     fire = now - occurrence <= grace
     keep_pending = False
     current = await runner.store.get(row.conversation_id)
