@@ -140,11 +140,11 @@ async def _fire_one(runner: Runner, row: ScheduleRow, now: datetime) -> None:
         # Several occurrences were missed and the oldest is past the grace period: the latest one that is not
         # (if any) is the occurrence to fire; the rest coalesce into it. Only the grace window is walked.
         recurrence = parse_recurrence(row.every)
-        latest = recurrence.next_after(now - grace - timedelta(microseconds=1), row.tz, anchor=occurrence)
-        if latest <= now:
-            while (following := recurrence.next_after(latest, row.tz, anchor=occurrence)) <= now:
-                latest = following
-            occurrence = latest
+        candidate = recurrence.next_after(now - grace - timedelta(microseconds=1), row.tz, anchor=occurrence)
+        if candidate <= now:
+            while (following := recurrence.next_after(candidate, row.tz, anchor=occurrence)) <= now:
+                candidate = following
+            occurrence = candidate
     fire = now - occurrence <= grace
     keep_pending = False
     current = await runner.store.get(row.conversation_id)
