@@ -292,14 +292,35 @@ class MongoStore:
             if value is not None or name in update.clear:
                 changes[name] = _us(value) if name == "wake_at" else value
         operation: Document = {"$set": changes}
+        # The row update is a separate write, so another writer may have appended past our events in
+        # between (a reply made durable without the lease). Each attempt below is guarded so that it
+        # never hides such events: the first that matches wins; usually the first does.
+        attempts: list[tuple[Document, Document]] = []
         if events:
-            operation["$max"] = {"last_seq": events[-1].seq}
-        found = await self._retry(
-            "append",
-            lambda: self._rows.find_one_and_update(
-                {"_id": conversation_id}, operation, return_document=ReturnDocument.AFTER
-            ),
-        )
+            last = events[-1].seq
+            operation["$max"] = {"last_seq": last}
+            guard: Document = {"_id": conversation_id, "last_seq": {"$lte": last}}
+            owner = getattr(update, "release_owner", None)
+            if owner is not None:  # drop the lease with this write if we hold it and nothing came after us
+                released = {**changes, "lease_owner": None, "lease_until": None}
+                attempts.append(({**guard, "lease_owner": owner}, {**operation, "$set": released}))
+            attempts.append((guard, operation))
+            # Overtaken: keep our facts but leave the conversation flagged, lease held, for what came after.
+            attempts.append(({"_id": conversation_id}, {**operation, "$set": {**changes, "needs_advance": True}}))
+        else:
+            # No events, so no sequence number to guard on: never release here (the runner then releases
+            # with release(last_seq), which checks the log did not move).
+            attempts.append(({"_id": conversation_id}, operation))
+        found: Document | None = None
+        for query, change in attempts:
+            found = await self._retry(
+                "append",
+                lambda query=query, change=change: self._rows.find_one_and_update(  # type: ignore[misc]
+                    query, change, return_document=ReturnDocument.AFTER
+                ),
+            )
+            if found is not None:
+                break
         if found is None:
             from dynaprompt.errors import UnknownConversationError
 
