@@ -36,13 +36,15 @@ class Chat:
 
     running: ClassVar[list[Chat]] = []
 
-    def __init__(self, *args: str, cwd: Path | None = None, pythonpath: Path | None = None) -> None:
+    def __init__(
+        self, *args: str, cwd: Path | None = None, pythonpath: Path | None = None, stdin: int = subprocess.PIPE
+    ) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if pythonpath is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dynaprompt.cli", "chat", *args],
-            stdin=subprocess.PIPE,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -393,3 +395,20 @@ def test_tz_sets_the_zone_of_a_new_conversation(tmp_path: Path) -> None:
 def test_an_unknown_zone_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["chat", GUESSBOT, "--store", f"sqlite:///{tmp_path}/x.db", "--tz", "Mars/Olympus"]) == 2
     assert "unknown time zone 'Mars/Olympus'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_at_a_terminal_ctrl_d_leaves_cleanly(url: str) -> None:
+    """Input from a real (pseudo-)terminal, line by line, and end of input as the keyboard sends it."""
+    terminal, child_side = os.openpty()
+    try:
+        chat = Chat(GUESSBOT, "--store", url, stdin=child_side)
+        chat.expect(r"bot> I'm thinking of a number between 1 and 100")
+        os.write(terminal, b"fifty\n")
+        chat.expect(r"bot> 'fifty' is not a whole number\.")
+        os.write(terminal, b"\x04")  # Ctrl-D
+        assert chat.process.wait(timeout=TIMEOUT) == 0
+        assert chat.rest() == ["-- left conversation 'console'; run the same command to continue it"]
+    finally:
+        os.close(terminal)
+        os.close(child_side)

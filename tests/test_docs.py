@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,3 +79,14 @@ def test_page_examples_run_and_print_what_the_page_shows(
             assert printed is not None, f"{where}: an output block must follow a python block"
             assert printed == block.code, f"{where}: the example above printed something else"
             printed = None
+
+
+def test_the_api_reference_documents_every_public_name() -> None:
+    import dynaprompt
+    import dynaprompt.testing
+
+    reference = (DOCS / "api.md").read_text()
+    documented = set(re.findall(r"^\.\. auto(?:function|class|exception):: ([\w.]+)$", reference, re.MULTILINE))
+    public = {f"dynaprompt.{name}" for name in dynaprompt.__all__}
+    public |= {f"dynaprompt.testing.{name}" for name in dynaprompt.testing.__all__ if name != "ListChannel"}
+    assert public - documented == set()
