@@ -8,6 +8,7 @@ The tree::
     ├── TimeParseError             a natural-language time or duration was not understood
     ├── UnknownTimeZoneError       a time-zone name that is not an IANA zone
     ├── UnknownDialogError         a dialog name that is not registered
+    ├── DialogLoadError            (dynaprompt.loading) a command-line target naming no single dialog
     ├── InvalidInputError          user input the library refuses
     │   ├── NotTextError           a message whose text is not a str
     │   ├── MessageTooLargeError   a message over the runner's size limit
@@ -40,9 +41,9 @@ __all__ = [
     "MissingExtraError",
     "NondeterminismError",
     "NotJSONError",
+    "NotTextError",
     "RecurrenceError",
     "ScheduleError",
-    "NotTextError",
     "StoreError",
     "StoreUnavailableError",
     "TimeParseError",
