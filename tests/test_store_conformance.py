@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from dynaprompt import Store, open_store
@@ -131,6 +133,23 @@ class UpdatesRowBeforeCheckingSeqs(MemoryStore):
         return await super().append(conversation_id, events, update, now)
 
 
+class ChecksThenWrites(MemoryStore):
+    """Checks the sequence number, then awaits before writing: concurrent writers all pass the check."""
+
+    async def append(
+        self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        self._check_seqs(conversation_id, len(self._events[conversation_id]), events)
+        await anyio.lowlevel.checkpoint()
+        log = self._events[conversation_id]
+        for event in events:
+            del log[event.seq - 1 :]
+            log.append(event)
+        row = update.apply(self._rows[conversation_id], len(log), now)
+        self._rows[conversation_id] = row
+        return row
+
+
 class ReleasesWhateverTheLog(MemoryStore):
     """Ignores ``last_seq`` on release, so a reply appended meanwhile could be stranded."""
 
@@ -190,6 +209,7 @@ class CreatesOverExisting(MemoryStore):
     [
         (AppendsOverTakenSeqs, "expected ConflictError, nothing was raised"),
         (UpdatesRowBeforeCheckingSeqs, "the row after a conflicting append"),
+        (ChecksThenWrites, "by 8 concurrent writers that succeeded"),
         (ReleasesWhateverTheLog, "release() when the log does not end at last_seq"),
         (ListsLeasedAsDue, "the ids due() returns"),
         (StealsLiveLeases, "acquire() of a lease another owner holds"),

@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import anyio
 from pydantic import BaseModel
 
 from dynaprompt.errors import ConflictError
@@ -388,6 +389,42 @@ async def _due(store: Store) -> None:
     )
 
 
+async def _races(store: Store) -> None:
+    check = _Checker(store, "concurrent writers")
+    cid = "raced"
+    await store.create(_row(cid), [_started()])
+    writers = 8
+    won: list[int] = []
+    lost: list[int] = []
+
+    async def append_as(writer: int) -> None:
+        try:
+            await store.append(cid, [_sent(2, f"writer {writer}")], RowUpdate(error=f"writer {writer}"), at(writer))
+        except ConflictError:
+            lost.append(writer)
+        else:
+            won.append(writer)
+
+    async with anyio.create_task_group() as group:
+        for writer in range(writers):
+            group.start_soon(append_as, writer)
+    check.equal(len(won), 1, f"appends of seq 2 by {writers} concurrent writers that succeeded (losers: {lost})")
+    check.events(await store.load(cid), [_started(), _sent(2, f"writer {won[0]}")], "the log after the race")
+    check.row(await store.get(cid), {"last_seq": 2, "error": f"writer {won[0]}"}, "the row after the race")
+
+    owners: list[str] = []
+
+    async def acquire_as(owner: str) -> None:
+        if await store.acquire(cid, owner, at(60), at(1)) is not None:
+            owners.append(owner)
+
+    async with anyio.create_task_group() as group:
+        for writer in range(writers):
+            group.start_soon(acquire_as, f"runner-{writer}")
+    check.equal(len(owners), 1, f"leases taken by {writers} concurrent acquire() calls ({owners})")
+    check.row(await store.get(cid), {"lease_owner": owners[0]}, "the lease after the race")
+
+
 async def _conversations(store: Store) -> None:
     check = _Checker(store, "conversations(state)")
     states: dict[str, Any] = {"a": "sleeping", "b": "completed", "c": "sleeping", "d": "failed", "e": "running"}
@@ -460,6 +497,7 @@ _GROUPS: tuple[Callable[[Store], Awaitable[None]], ...] = (
     _leases,
     _due,
     _conversations,
+    _races,
     _schedules,
 )
 
@@ -483,6 +521,8 @@ async def check_store(make_store: StoreFactory) -> None:
     * ``due``: ``wake_at <= now``, ``needs_advance`` or an expired lease,
       never a live lease, soonest first, at most ``limit``; ``next_wake_at``;
       ``conversations(state)``;
+    * concurrent writers of one sequence number: exactly one wins; concurrent
+      ``acquire`` calls: exactly one holds the lease;
     * schedules: put (``ConflictError`` on a taken id), get, list order, due,
       claim, finish, delete.
     """
