@@ -1,0 +1,320 @@
+"""The MongoDB store on a real MongoDB wire server: documents, repair after a crash between two writes,
+clients it was given, the runner on it, outages, and the CLI.
+
+The whole Store protocol is checked by ``test_store_conformance.py`` (a ``mongodb`` and a
+``mongodb-motor`` leg); these tests cover what only the MongoDB store has.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.errors import AutoReconnect
+
+from dynaprompt import Runner, dialog, finish, open_store, send, sleep_until, wait_for_reply
+from dynaprompt.errors import CorruptEventError, StoreUnavailableError
+from dynaprompt.events import ReplyReceived, Started
+from dynaprompt.stores.mongo import MongoStore
+from dynaprompt.testing import ListChannel, VirtualClock
+
+pytestmark = pytest.mark.anyio
+
+
+@dialog(name="mongo-test-greeter")
+async def greeter(name: str):  # type: ignore[no-untyped-def]
+    yield send(f"Hi {name}! How did you sleep?")
+    reply = yield wait_for_reply(timeout="2 hours")
+    yield send("No answer, fine." if reply is None else f"Noted: {reply.text}.")
+    yield sleep_until("tomorrow at 9am")
+    yield send("Good morning!")
+    again = yield wait_for_reply()
+    yield finish(again.text)
+
+
+@pytest.fixture
+async def store(mongodb_url: str) -> AsyncIterator[MongoStore]:
+    opened = await open_store(mongodb_url)
+    assert isinstance(opened, MongoStore)
+    yield opened
+    await opened.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+# -- opening ----------------------------------------------------------------------------
+
+
+async def test_unreachable_server_at_open_names_the_url_with_the_password_masked() -> None:
+    url = f"mongodb://ann:s3cret@127.0.0.1:{free_port()}/bot"
+    with pytest.raises(StoreUnavailableError) as raised:
+        await open_store(url, server_selection_timeout=0.2)
+    message = str(raised.value)
+    assert f"mongodb://ann:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in message
+    assert "s3cret" not in message
+
+
+async def test_open_creates_the_indexes_due_work_is_found_through(store: MongoStore) -> None:
+    events = await store.database["events"].index_information()
+    rows = await store.database["conversations"].index_information()
+    schedules = await store.database["schedules"].index_information()
+    assert {"key": [("conversation_id", 1), ("seq", 1)], "unique": True}.items() <= {
+        "key": events["conversation_id_1_seq_1"]["key"],
+        "unique": events["conversation_id_1_seq_1"].get("unique"),
+    }.items()
+    assert sorted(index["key"] for index in rows.values()) == [
+        [("_id", 1)], [("lease_until", 1)], [("needs_advance", 1), ("lease_until", 1)], [("wake_at", 1)],
+    ]  # fmt: skip
+    assert [("next_at", 1)] in [index["key"] for index in schedules.values()]
+
+
+async def test_each_event_is_one_plain_document(store: MongoStore, clock: VirtualClock) -> None:
+    async with Runner(store, clock=clock) as runner:
+        await runner.start(greeter, "ann", "Ann")
+        await runner.deliver("ann", "Slept well", metadata={"via": "sms"})
+    docs = await store.database["events"].find({"conversation_id": "ann"}, {"_id": 0}).sort("seq", 1).to_list(None)
+    assert [doc["seq"] for doc in docs] == list(range(1, len(docs) + 1))
+    reply = next(doc for doc in docs if doc["kind"] == "reply")
+    assert reply == {
+        "conversation_id": "ann", "seq": reply["seq"], "kind": "reply", "at": "2026-01-05T09:00:00Z",
+        "text": "Slept well", "metadata": {"via": "sms"},
+    }  # fmt: skip
+    row = await store.database["conversations"].find_one({"_id": "ann"})
+    assert row is not None
+    assert row["state"] == "sleeping"
+    assert row["last_seq"] == len(docs)
+    assert row["wake_at"] == 1767690000 * 1_000_000  # 2026-01-06 09:00 UTC, in microseconds
+    assert row["lease_owner"] is None
+
+
+# -- a crash between the two writes of an append -----------------------------------------
+
+
+async def test_reply_whose_row_update_never_happened_is_found_and_consumed(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock) as runner:
+        await runner.start(greeter, "ann", "Ann")
+    before = await store.get("ann")
+    assert before is not None
+    # What a writer killed between its insert_many and its row update leaves: the event, an old row.
+    lost = ReplyReceived(seq=before.last_seq + 1, at=clock.now(), text="Slept badly")
+    await store.database["events"].insert_one({"conversation_id": "ann", **lost.model_dump(mode="json")})
+
+    repaired = await store.get("ann")
+    assert repaired is not None
+    assert (repaired.last_seq, repaired.needs_advance) == (before.last_seq + 1, True)
+    assert await store.due(clock.now(), 10) == ["ann"]
+    async with Runner(store, channel, clock=clock) as runner:  # a runner started later
+        assert await runner.run_due() == 1
+        assert (await runner.status("ann")).state == "sleeping"
+    assert channel.texts() == ["Hi Ann! How did you sleep?", "Noted: Slept badly."]
+
+
+async def test_log_whose_row_was_never_written_gets_its_row_rebuilt(store: MongoStore, clock: VirtualClock) -> None:
+    started = Started(seq=1, at=clock.now(), dialog="mongo-test-greeter", args=["Bo"], tz="Europe/Paris")
+    await store.database["events"].insert_one({"conversation_id": "bo", **started.model_dump(mode="json")})
+
+    row = await store.get("bo")
+    assert row is not None
+    assert (row.dialog, row.tz, row.last_seq, row.needs_advance) == ("mongo-test-greeter", "Europe/Paris", 1, True)
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock) as runner:
+        await runner.run_due()
+        assert (await runner.status("bo")).state == "waiting_for_reply"
+    assert channel.texts() == ["Hi Bo! How did you sleep?"]
+
+
+async def test_corrupt_event_document_names_the_conversation_and_seq(store: MongoStore, clock: VirtualClock) -> None:
+    async with Runner(store, clock=clock) as runner:
+        await runner.start(greeter, "ann", "Ann")
+    await store.database["events"].update_one({"conversation_id": "ann", "seq": 2}, {"$set": {"text": 42}})
+    with pytest.raises(CorruptEventError, match=r"'ann'.*seq 2.*text"):
+        await store.load("ann")
+
+
+# -- stores on clients the application already has -------------------------------------------
+
+
+async def test_a_pymongo_client_it_was_given_stays_open(mongodb_url: str, clock: VirtualClock) -> None:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb_url)
+    try:
+        store = MongoStore(client)  # the database named in the client's URL
+        assert store.database.name == mongodb_url.rsplit("/", 1)[1]
+        async with Runner(store, clock=clock) as runner:
+            await runner.start(greeter, "ann", "Ann")
+        await store.close()
+        assert await client[store.database.name]["events"].count_documents({}) == 4  # started, sent, waiting, delivered
+    finally:
+        await client.close()
+
+
+async def test_a_motor_database_it_was_given_serves_a_conversation(mongodb_uri: str, clock: VirtualClock) -> None:
+    from motor.motor_asyncio import AsyncIOMotorClient
+
+    client = AsyncIOMotorClient(mongodb_uri)
+    try:
+        store = MongoStore(client, "motor_app")
+        await store.database["events"].drop()
+        await store.database["conversations"].drop()
+        channel = ListChannel()
+        async with Runner(store, channel, clock=clock) as runner:
+            await runner.start(greeter, "ann", "Ann")
+            await runner.deliver("ann", "fine")
+        await store.close()
+        assert await client["motor_app"]["events"].count_documents({"conversation_id": "ann"}) > 3  # still open
+        assert channel.texts() == ["Hi Ann! How did you sleep?", "Noted: fine."]
+    finally:
+        client.close()
+
+
+# -- the runner on MongoDB ----------------------------------------------------------------------
+
+
+async def test_conversation_with_timers_survives_a_restart_on_a_new_store(
+    mongodb_url: str, clock: VirtualClock
+) -> None:
+    channel = ListChannel()
+    first = await open_store(mongodb_url)
+    async with Runner(first, channel, clock=clock) as runner:
+        await runner.start(greeter, "ann", "Ann")
+        clock.advance(timedelta(hours=2, seconds=1))
+        await runner.run_due()  # the wait times out
+    await first.close()
+
+    clock.advance(timedelta(hours=22))  # past tomorrow 9:00: the morning message is due
+    second = await open_store(mongodb_url)  # a new process, in effect: nothing cached
+    async with Runner(second, channel, clock=clock, cache_size=0) as runner:
+        assert await runner.run_due() == 1
+        status = await runner.deliver("ann", "ready")
+        transcript = [(entry.direction, entry.text) for entry in await runner.transcript("ann")]
+    await second.close()
+    assert (status.state, status.result) == ("completed", "ready")
+    assert transcript == [
+        ("out", "Hi Ann! How did you sleep?"), ("out", "No answer, fine."), ("out", "Good morning!"), ("in", "ready"),
+    ]  # fmt: skip
+    assert channel.texts() == [text for direction, text in transcript if direction == "out"]
+
+
+async def test_write_lost_on_the_network_after_the_server_applied_it_is_not_repeated(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """The insert went through but its answer was lost: the retry finds our events there and goes on."""
+    events = store._events
+
+    class AnswerLost:
+        def __init__(self) -> None:
+            self.lost = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(events, name)
+
+        async def insert_many(self, docs: list[dict[str, Any]], **kwargs: Any) -> Any:
+            await events.insert_many(docs, **kwargs)
+            if self.lost < 2:
+                self.lost += 1
+                raise AutoReconnect("connection reset after the write (injected)")
+
+    store._events = AnswerLost()  # type: ignore[assignment]
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock) as runner:
+        await runner.start(greeter, "ann", "Ann")
+        await runner.deliver("ann", "fine")
+    store._events = events
+    log = await store.load("ann")
+    assert [event.seq for event in log] == list(range(1, len(log) + 1))
+    assert [event.text for event in log if isinstance(event, ReplyReceived)] == ["fine"]
+    assert channel.texts() == ["Hi Ann! How did you sleep?", "Noted: fine."]
+
+
+# -- outages ---------------------------------------------------------------------------------
+
+
+@dialog(name="mongo-test-counter")
+async def counter():  # type: ignore[no-untyped-def]
+    count = 0
+    while True:
+        reply = yield wait_for_reply()
+        count += 1
+        yield send(f"{count}: {reply.text}")
+
+
+@pytest.fixture
+def own_server(mongodb_server_factory: Callable[[], Any]) -> Any:
+    """A server of this test's own, which it may kill and start again."""
+    server = mongodb_server_factory()
+    if not server.can_restart:
+        pytest.skip("DYNAPROMPT_TEST_MONGODB_URI names a server these tests cannot restart")
+    return server
+
+
+async def test_server_killed_and_restarted_loses_no_acknowledged_reply(own_server: Any, clock: VirtualClock) -> None:
+    url = f"{own_server.uri}/outage"
+    store = await open_store(url, server_selection_timeout=0.3, retries=2, retry_backoff=0.05)
+    channel = ListChannel()
+    acknowledged: list[str] = []
+    async with Runner(store, channel, clock=clock) as runner:
+        await runner.start(counter, "c")
+        for text in ("one", "two", "three"):
+            await runner.deliver("c", text)
+            acknowledged.append(text)
+
+        await anyio.to_thread.run_sync(own_server.kill)  # SIGKILL: no clean shutdown
+        with pytest.raises(StoreUnavailableError, match="outage"):
+            await runner.deliver("c", "lost in the outage")  # fails loudly: not acknowledged
+
+        await anyio.to_thread.run_sync(own_server.start)  # same data folder, same port
+        await runner.deliver("c", "four")
+        acknowledged.append("four")
+        heard = [entry.text for entry in await runner.transcript("c") if entry.direction == "in"]
+    await store.close()
+    assert [text for text in heard if text in acknowledged] == acknowledged  # each once, in order
+    assert set(heard) - set(acknowledged) <= {"lost in the outage"}  # it may have landed before the kill
+    assert channel.texts()[-1] == f"{len(heard)}: four"
+
+
+async def test_deliver_during_a_short_outage_waits_for_the_server_and_succeeds(
+    own_server: Any, clock: VirtualClock
+) -> None:
+    url = f"{own_server.uri}/blip"
+    store = await open_store(url, server_selection_timeout=0.5, retries=8, retry_backoff=0.1)
+    async with Runner(store, clock=clock) as runner:
+        await runner.start(counter, "c")
+        await runner.deliver("c", "before")
+        await anyio.to_thread.run_sync(own_server.stop)
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.to_thread.run_sync, own_server.start)  # back while deliver() retries
+            status = await runner.deliver("c", "during")
+        heard = [entry.text for entry in await runner.transcript("c") if entry.direction == "in"]
+    await store.close()
+    assert status.state == "waiting_for_reply"
+    assert heard == ["before", "during"]
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+async def test_cli_takes_a_mongodb_store_url(store: MongoStore, mongodb_url: str, clock: VirtualClock) -> None:
+    async with Runner(store, clock=clock) as runner:
+        await runner.start(greeter, "ann", "Ann")
+    listed = await anyio.run_process([sys.executable, "-m", "dynaprompt.cli", "ls", "--store", mongodb_url, "--json"])
+    assert b'"ann"' in listed.stdout
+    dead = f"mongodb://127.0.0.1:{free_port()}/bot?serverSelectionTimeoutMS=200"
+    refused = await anyio.run_process(
+        [sys.executable, "-m", "dynaprompt.cli", "ls", "--store", dead], check=False, stderr=subprocess.PIPE
+    )
+    assert refused.returncode == 2
+    assert f"store {dead} is unavailable" in refused.stderr.decode()
