@@ -151,15 +151,14 @@ async def chat(
         except DynapromptError as exc:
             refused = exc  # raised below, outside the task group, so the command reports it plainly
             group.cancel_scope.cancel()
-        if refused is not None:
-            pass
-        elif _over(status):
-            ended.append(status)
-            group.cancel_scope.cancel()
         else:
-            group.start_soon(runner.serve)
-            group.start_soon(converse)
-            group.start_soon(watch_end)
+            if _over(status):
+                ended.append(status)
+                group.cancel_scope.cancel()
+            else:
+                group.start_soon(runner.serve)
+                group.start_soon(converse)
+                group.start_soon(watch_end)
 
     if refused is not None:
         raise refused
