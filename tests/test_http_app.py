@@ -13,9 +13,10 @@ import anyio
 import httpx
 import pytest
 
-from dynaprompt import Store, StoreUnavailableError, dialog, finish, send, wait_for_reply
+from dynaprompt import Runner, Store, StoreUnavailableError, dialog, finish, send, wait_for_reply
 from dynaprompt.events import Event
 from dynaprompt.http import create_app, openapi_document
+from dynaprompt.http.stream import ConversationStream, Hub, ServiceChannel
 from dynaprompt.loading import load_dialog
 from dynaprompt.stores.base import ConversationRow
 from dynaprompt.stores.memory import MemoryStore
@@ -364,3 +365,34 @@ async def test_an_unreachable_store_is_503_and_the_service_recovers(clock: Virtu
 def texts_of(response: httpx.Response) -> list[str]:
     assert response.status_code == 200, response.text
     return [message["text"] for message in response.json()["messages"]]
+
+
+@dialog(name="test_http.burst")
+async def burst():
+    yield send("Ready?")
+    yield wait_for_reply()
+    for number in range(1, 6):
+        yield send(f"m{number}")
+    yield wait_for_reply()
+
+
+@pytest.mark.parametrize("buffer", [256, 2], ids=["live", "reader-too-slow"])
+async def test_a_stream_gets_every_message_in_order_even_when_its_reader_lags(
+    store: Store, clock: VirtualClock, buffer: int
+) -> None:
+    hub = Hub(buffer=buffer)
+    async with Runner(store, ServiceChannel(hub), clock=clock) as runner:
+        await runner.start(burst, "b")
+        # A poll far beyond the test's patience: messages must come from the hub (or its overflow signal).
+        stream = ConversationStream(runner, hub, "b", None, poll_interval=60)
+        await stream.check()
+        events = stream.events()
+        assert (await events.__anext__()).startswith("retry:")
+        assert '"text":"Ready?"' in await events.__anext__()
+        # The reader is not reading while five messages are sent: with a buffer of 2 its queue overflows.
+        await runner.deliver("b", "go")
+        with anyio.fail_after(5):
+            chunks = [await events.__anext__() for _ in range(5)]
+        await events.aclose()
+    assert [json.loads(chunk.split("data: ", 1)[1])["text"] for chunk in chunks] == ["m1", "m2", "m3", "m4", "m5"]
+    assert hub._subscribers == {}  # the subscription ended with the stream

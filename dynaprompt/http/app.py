@@ -233,7 +233,7 @@ class _Service:
         conversation_id = request.path_params["conversation_id"]
         after = request.headers.get("last-event-id") or request.query_params.get("after")
         stream = ConversationStream(self.runner, self.hub, conversation_id, after, poll_interval=self.stream_poll)
-        await stream.open()
+        await stream.check()
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream.events(), media_type="text/event-stream", headers=headers)
 

@@ -11,19 +11,20 @@ sent in between is missed, then emits:
 
 Every message event carries its message id as the SSE ``id``, so a browser's
 ``EventSource`` resumes on its own after a dropped connection. Events are deduplicated by id
-(a message re-handed after a refused webhook appears once). The hub is per process: the
-stream also re-reads the transcript every ``poll_interval`` seconds, which catches messages
-that another service process sharing the store sent, and anything a slow subscriber dropped.
+(a message re-handed after a refused webhook appears once). A reader too slow for the hub's
+buffer is told so and re-reads the transcript, which keeps its events complete and in log
+order. The hub is per process: the stream also re-reads the transcript every
+``poll_interval`` seconds, which catches messages another service process sharing the store sent.
 """
 
 from __future__ import annotations
 
 import contextvars
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dynaprompt.channels.base import Channel
 from dynaprompt.errors import InvalidInputError
@@ -31,7 +32,7 @@ from dynaprompt.http.models import OutboundMessage
 from dynaprompt.models import Message, Status, TranscriptEntry
 from dynaprompt.runner import Runner
 
-__all__ = ["ConversationStream", "Hub", "ServiceChannel", "UnknownMessageIdError", "collect_turn"]
+__all__ = ["ConversationStream", "Hub", "ServiceChannel", "Subscription", "UnknownMessageIdError", "collect_turn"]
 
 _turn: contextvars.ContextVar[tuple[str, list[Message]] | None] = contextvars.ContextVar("turn", default=None)
 
@@ -43,33 +44,54 @@ class UnknownMessageIdError(InvalidInputError):
         super().__init__(f"conversation {conversation_id!r} has no message {after!r} to resume after")
 
 
+class Subscription:
+    """One stream's queue of live messages. When it overflows (a reader too slow for ``buffer``
+    messages), ``lagging`` is set and the queue dropped: the reader re-reads the transcript, so order
+    and completeness never depend on the buffer."""
+
+    def __init__(self, buffer: int) -> None:
+        self.buffer = buffer
+        self.queue: deque[Message] = deque()
+        self.lagging = False
+        self._arrived = anyio.Event()
+
+    def put(self, message: Message) -> None:
+        if len(self.queue) >= self.buffer:
+            self.queue.clear()
+            self.lagging = True
+        else:
+            self.queue.append(message)
+        self._arrived.set()
+
+    async def wait(self) -> None:
+        """Return once a message is queued or the queue overflowed."""
+        if not self.queue and not self.lagging:
+            await self._arrived.wait()
+        self._arrived = anyio.Event()
+
+
 class Hub:
     """In-process fan-out of handed-off messages to the streams of their conversation."""
 
     def __init__(self, buffer: int = 256) -> None:
         self.buffer = buffer
-        self._subscribers: dict[str, set[MemoryObjectSendStream[Message]]] = {}
+        self._subscribers: dict[str, set[Subscription]] = {}
 
     @contextmanager
-    def subscribe(self, conversation_id: str) -> Iterator[MemoryObjectReceiveStream[Message]]:
-        sender, receiver = anyio.create_memory_object_stream[Message](self.buffer)
+    def subscribe(self, conversation_id: str) -> Iterator[Subscription]:
+        subscription = Subscription(self.buffer)
         subscribers = self._subscribers.setdefault(conversation_id, set())
-        subscribers.add(sender)
+        subscribers.add(subscription)
         try:
-            yield receiver
+            yield subscription
         finally:
-            subscribers.discard(sender)
+            subscribers.discard(subscription)
             if not subscribers:
                 self._subscribers.pop(conversation_id, None)
-            sender.close()
-            receiver.close()
 
     def publish(self, message: Message) -> None:
-        for sender in list(self._subscribers.get(message.conversation_id, ())):
-            try:
-                sender.send_nowait(message)
-            except anyio.WouldBlock:
-                pass  # a slow reader: its stream catches up from the transcript at its next poll
+        for subscription in self._subscribers.get(message.conversation_id, ()):
+            subscription.put(message)
 
 
 @contextmanager
@@ -115,8 +137,8 @@ def _end(status: Status) -> str:
 
 
 class ConversationStream:
-    """One client's stream of one conversation. ``await open()`` (which validates, so errors become
-    4xx answers before the response starts), then iterate :meth:`events`."""
+    """One client's stream of one conversation. ``await check()`` first (so a bad id becomes a 4xx
+    answer before the response starts), then iterate :meth:`events`."""
 
     def __init__(
         self,
@@ -135,28 +157,18 @@ class ConversationStream:
         self.poll_interval = poll_interval
         self.keepalive_polls = max(1, round(keepalive / poll_interval))
         self._seen: set[str] = set()
-        self._backlog: list[OutboundMessage] = []
-        self._exit = ExitStack()
-        self._inbox: MemoryObjectReceiveStream[Message] | None = None
 
-    async def open(self) -> None:
-        self._inbox = self._exit.enter_context(self.hub.subscribe(self.conversation_id))
-        try:
-            entries = await self.runner.transcript(self.conversation_id)
-            start = 0
-            if self.after is not None:
-                ids = [entry.id for entry in entries]
-                if self.after not in ids:
-                    raise UnknownMessageIdError(self.conversation_id, self.after)
-                start = ids.index(self.after) + 1
-            self._seen.update(entry.id for entry in entries[:start])
-            self._backlog = self._unseen(entries[start:])
-        except BaseException:
-            self.close()
-            raise
+    async def check(self) -> None:
+        """``UnknownConversationError`` or ``UnknownMessageIdError`` now, rather than inside the stream."""
+        self._start(await self.runner.transcript(self.conversation_id))
 
-    def close(self) -> None:
-        self._exit.close()
+    def _start(self, entries: list[TranscriptEntry]) -> int:
+        if self.after is None:
+            return 0
+        ids = [entry.id for entry in entries]
+        if self.after not in ids:
+            raise UnknownMessageIdError(self.conversation_id, self.after)
+        return ids.index(self.after) + 1
 
     def _unseen(self, entries: list[TranscriptEntry]) -> list[OutboundMessage]:
         fresh: list[OutboundMessage] = []
@@ -174,12 +186,17 @@ class ConversationStream:
         return status if status.state in ("completed", "failed") and status.wake_at is None else None
 
     async def events(self) -> AsyncIterator[str]:
-        """The SSE text of the stream, chunk by chunk, until the conversation ends or the client leaves."""
-        assert self._inbox is not None, "open() first"
-        inbox = self._inbox
-        try:
+        """The SSE text of the stream, chunk by chunk, until the conversation ends or the client leaves.
+
+        The subscription lives inside this generator, so it ends with it however the response ends.
+        """
+        with self.hub.subscribe(self.conversation_id) as inbox:
+            # Subscribed first, read second: a message sent in between is in one of the two, and ids dedupe.
+            entries = await self.runner.transcript(self.conversation_id)
+            start = self._start(entries)
+            self._seen.update(entry.id for entry in entries[:start])
             yield f"retry: {int(self.poll_interval * 1000)}\n\n"
-            for message in self._backlog:
+            for message in self._unseen(entries[start:]):
                 yield _event(message)
             idle_polls = 0
             while True:
@@ -189,14 +206,17 @@ class ConversationStream:
                         yield _event(message)
                     yield _end(ended)
                     return
-                received: Message | None = None
                 with anyio.move_on_after(self.poll_interval):
-                    received = await inbox.receive()
-                if received is not None:
+                    await inbox.wait()
+                if inbox.lagging:
+                    inbox.lagging = False
+                elif inbox.queue:
                     idle_polls = 0
-                    if received.id not in self._seen:
-                        self._seen.add(received.id)
-                        yield _event(OutboundMessage.of(received))
+                    while inbox.queue:
+                        received = inbox.queue.popleft()
+                        if received.id not in self._seen:
+                            self._seen.add(received.id)
+                            yield _event(OutboundMessage.of(received))
                     continue
                 caught = await self._catch_up()
                 for message in caught:
@@ -205,5 +225,3 @@ class ConversationStream:
                 if idle_polls >= self.keepalive_polls:
                     idle_polls = 0
                     yield ": keepalive\n\n"
-        finally:
-            self.close()
