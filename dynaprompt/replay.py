@@ -376,7 +376,7 @@ class Execution:
         """Try to end the current wait or sleep; True if it ended (and the result is fed)."""
         assert self._pending is not None
         blocked = self._pending.event
-        if isinstance(blocked, Waiting) and self.inbox:
+        if isinstance(blocked, Waiting) and self.inbox and _answers(blocked, self.inbox[0]):
             self._pending = None
             self._feed = (self._reply(self.inbox.popleft()), None)
             return True
@@ -384,6 +384,9 @@ class Execution:
             event = self.log[self.cursor]
             self.cursor += 1
             if isinstance(event, ReplyReceived) and isinstance(blocked, Waiting):
+                if not _answers(blocked, event):
+                    self.inbox.append(event)  # it queues behind the overdue timeout, which fires below
+                    continue
                 self._pending = None
                 self._feed = (self._reply(event), None)
                 return True
@@ -501,6 +504,14 @@ class Execution:
         return Reply(
             id=message_id(self.conversation_id, event.seq), text=event.text, at=event.at, metadata=event.metadata
         )
+
+
+def _answers(wait: Waiting, reply: ReplyReceived) -> bool:
+    """Whether ``reply`` ends ``wait``. One queued before the wait began always does; one that came during
+    it only if it came before the timeout. So a reply that finds an overdue timeout not yet fired (no
+    runner was up at that instant) queues behind it, as it would had the timer fired on time; the rule
+    reads only recorded values, so a replay decides the same."""
+    return reply.seq < wait.seq or wait.timeout_at is None or reply.at < wait.timeout_at
 
 
 def _replayed_error(recorded: EffectFailed, effect: Effect) -> Exception:
