@@ -488,3 +488,25 @@ async def test_yielding_something_that_is_not_an_effect_fails_the_dialog_with_a_
     assert done.error.type == "DynapromptError"
     assert "may only yield effects" in done.error.message
     assert "'hello'" in done.error.message
+
+
+async def test_reply_recorded_after_an_overdue_timeout_queues_behind_it_and_replays_the_same() -> None:
+    @dialog
+    async def patient():
+        first = yield wait_for_reply(timeout=60)
+        second = yield wait_for_reply(timeout=60)
+        yield finish([None if r is None else r.text for r in (first, second)])
+
+    convo = Log(patient)
+    await convo.advance()
+    done = await convo.reply("late", T0 + timedelta(seconds=90))  # the first timeout was due at +60 s
+    assert (done.state, done.result) == ("completed", [None, "late"])
+    _, replayed = await convo.replay(T0 + timedelta(days=1))
+    assert (replayed.events, replayed.result) == ([], [None, "late"])
+
+    on_time = Log(patient)
+    await on_time.advance()
+    done = await on_time.reply("prompt", T0 + timedelta(seconds=59))
+    assert done.state == "waiting_for_reply"
+    done = await on_time.advance(T0 + timedelta(seconds=200))
+    assert (done.state, done.result) == ("completed", ["prompt", None])

@@ -212,6 +212,22 @@ async def test_wait_for_reply_timeout_gives_none_exactly_when_due(
     assert (await runner.status("c1")).state == "completed"
 
 
+async def test_reply_arriving_after_an_unfired_timeout_is_queued_behind_it(
+    runner: Runner, channel: ListChannel, clock: VirtualClock
+) -> None:
+    @dialog
+    async def nudge():
+        reply = yield wait_for_reply(timeout="2 hours")
+        yield send("Still there?" if reply is None else f"Hi {reply.text}")
+        reply = yield wait_for_reply()
+        yield send(f"Then: {reply.text}")
+
+    await runner.start(nudge, "c1")
+    clock.advance(timedelta(hours=3))  # nobody ran run_due: the timeout is due but has not fired
+    await runner.deliver("c1", "sorry, I was out")
+    assert channel.texts() == ["Still there?", "Then: sorry, I was out"]
+
+
 async def test_reply_before_timeout_wins_and_the_timer_never_fires(
     runner: Runner, channel: ListChannel, clock: VirtualClock
 ) -> None:
