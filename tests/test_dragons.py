@@ -130,3 +130,19 @@ async def test_blocks_work_as_sub_dialogs_of_any_dialog(
         status = await runner.status("u1")
     assert status.result == ["Ed", False, "b"]
     assert channel.texts() == ["Name?", "Can dragons fly?", "y or n", "Best?\n1. a\n2. b"]
+
+
+@pytest.mark.slow
+def test_dragons_runs_under_chat(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    chat = subprocess.run(
+        [sys.executable, "-m", "dynaprompt.cli", "chat", str(EXAMPLES / "dragons.py"), "--store",
+         f"sqlite:///{tmp_path}/chat.db"],
+        input="Flo\nno\n", capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    bot = [line.removeprefix("bot> ") for line in chat.stdout.splitlines() if line.startswith("bot> ")]
+    assert bot[0] == "Hi, I'm Ember. What's your name?"
+    assert bot[2:] == ["Do you have a minute to talk, Flo?", "Another time then. Goodbye, Flo!"]
