@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("mongo_worker.py")
 CONVERSATION = "survey-1"  # crash_worker.CONVERSATION
 TIMEOUT = 60  # seconds for any one wait on a worker: a hang fails the test instead of blocking CI
-MAX_CASES = 14  # kill points: before and after the first write of every kind, the rest spread evenly
+MAX_CASES = 10  # kill points: before and after the first write of every kind, the rest spread evenly
 KILLED = -signal.SIGKILL
 
 
@@ -203,12 +203,14 @@ def crash_cases(reference: Reference, mongodb_uri: str, tmp_path_factory: pytest
 
 
 def test_reference_run_writes_every_kind_of_document(reference: Reference) -> None:
-    assert {kind_of(write) for write in reference.writes} == {
+    kinds = {kind_of(write) for write in reference.writes}
+    always = {
         "events.insert_many",  # the events of an append or a create
         "conversations.insert_one",  # a new conversation's row
-        "conversations.find_one_and_update",  # an append's row update, or a lease taken
-        "conversations.update_one",  # a lease released
+        "conversations.find_one_and_update",  # an append's row update (releasing the lease with it), or a lease taken
     }
+    assert always <= kinds
+    assert kinds - always <= {"conversations.update_one"}  # a lease released on its own; nothing else
     assert ("out", "Goodbye, Ann! (bye)") in reference.transcript
 
 
