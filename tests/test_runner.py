@@ -522,6 +522,39 @@ async def test_runner_tz_is_the_default_zone_of_new_conversations(store: Store, 
     assert status.wake_at == datetime(2026, 1, 5, 23, tzinfo=UTC)  # 08:00 JST on the 6th
 
 
+@dialog
+def runner_yes_no(question: str):
+    """A plain sub-dialog: asks until it gets yes or no, returns a bool."""
+    yield send(f"{question} (yes/no)")
+    while True:
+        reply = yield wait_for_reply()
+        if reply.text in ("yes", "no"):
+            return reply.text == "yes"
+        yield send("Please say yes or no.")
+
+
+async def test_sub_dialogs_across_replies_plain_inside_async_and_back(runner: Runner, channel: ListChannel) -> None:
+    @dialog
+    async def ask_name():
+        yield send("Name?")
+        reply = yield wait_for_reply()
+        yield finish(reply.text)
+        yield send("never sent")
+
+    @dialog
+    def onboarding():
+        name = yield ask_name()
+        likes = yield runner_yes_no(f"{name}, do you like dragons?")
+        yield send("Great!" if likes else "Shame.")
+        return {"name": name, "likes_dragons": likes}
+
+    await runner.start(onboarding, "c1")
+    for text in ("Ann", "maybe", "yes"):
+        status = await runner.deliver("c1", text)
+    assert (status.state, status.result) == ("completed", {"name": "Ann", "likes_dragons": True})
+    assert channel.texts() == ["Name?", "Ann, do you like dragons? (yes/no)", "Please say yes or no.", "Great!"]
+
+
 # -- status ------------------------------------------------------------------------
 
 
