@@ -291,6 +291,7 @@ async def test_openapi_describes_every_route_with_the_pydantic_schemas(client: h
         "/conversations/{conversation_id}",
         "/conversations/{conversation_id}/messages",
         "/conversations/{conversation_id}/transcript",
+        "/conversations/{conversation_id}/retry",
         "/conversations/{conversation_id}/stream",
         "/dialogs",
         "/openapi.json",
@@ -431,3 +432,9 @@ async def test_a_message_to_a_conversation_whose_code_changed_is_stored_and_answ
         assert status["error"].startswith("NondeterminismError")
         entries = (await client.get("/conversations/c1/transcript")).json()["entries"]
         assert entries[-1]["text"] == "still here"  # the message is durable, waiting for a fix
+
+        dialog(name="test_http.changing")(before.fn)  # the fix: deploy the old code again
+        retried = await client.post("/conversations/c1/retry")
+        assert retried.status_code == 200
+        assert retried.json()["status"]["state"] == "completed"  # it took "still here" and went on
+        assert (await client.post("/conversations/ghost/retry")).status_code == 404

@@ -198,6 +198,12 @@ class _Service:
             status = await self.runner.deliver(conversation_id, body.text, metadata=body.metadata)
         return _json(TurnResult(conversation_id=conversation_id, status=status, messages=_outbound(handed)))
 
+    async def retry(self, request: Request) -> Response:
+        conversation_id = request.path_params["conversation_id"]
+        with collect_turn(conversation_id) as handed:
+            status = await self.runner.retry(conversation_id)
+        return _json(TurnResult(conversation_id=conversation_id, status=status, messages=_outbound(handed)))
+
     async def status(self, request: Request) -> Response:
         return _json(await self.runner.status(request.path_params["conversation_id"]))
 
@@ -331,6 +337,7 @@ def create_app(
         Route(f"/conversations/{cid}", service.status, methods=["GET"]),
         Route(f"/conversations/{cid}/messages", service.deliver, methods=["POST"]),
         Route(f"/conversations/{cid}/transcript", service.transcript, methods=["GET"]),
+        Route(f"/conversations/{cid}/retry", service.retry, methods=["POST"]),
         Route(f"/conversations/{cid}/stream", service.stream, methods=["GET"]),
         Route("/dialogs", service.list_dialogs, methods=["GET"]),
         Route("/openapi.json", service.openapi, methods=["GET"]),
@@ -440,6 +447,14 @@ def openapi_document(dialogs: Sequence[str] = ()) -> dict[str, Any]:
                 "parameters": [conversation_id],
                 "requestBody": message_body,
                 "responses": {"200": answer("Durable and processed.", "TurnResult"), **errors(400, 404, 409, 413, 422)},
+            }
+        },
+        "/conversations/{conversation_id}/retry": {
+            "post": {
+                "summary": "Replay a parked conversation against the current code (after a fix)",
+                "operationId": "retryConversation",
+                "parameters": [conversation_id],
+                "responses": {"200": answer("Its status after the replay.", "TurnResult"), **errors(404, 409)},
             }
         },
         "/conversations/{conversation_id}/transcript": {
