@@ -64,7 +64,7 @@ from dynaprompt import (
     wait_for_reply,
 )
 from dynaprompt.dialogs import Dialog
-from dynaprompt.events import Event, Started
+from dynaprompt.events import Called, Event, Started
 from dynaprompt.replay import Execution
 from dynaprompt.testing import VirtualClock
 
@@ -79,14 +79,15 @@ Block = list[dict[str, Any]]
 CALLS: Counter[str] = Counter()  # how often each labelled call() really ran, in the current run
 
 
-def count(label: str, fail: bool) -> dict[str, Any]:
+def count(label: str, fail: str) -> dict[str, Any]:
+    """Count the attempt; fail ``"always"``, on the ``"first"`` attempt ever, or ``"never"``."""
     CALLS[label] += 1
-    if fail:
-        raise ValueError(f"{label} failed on purpose")
+    if fail == "always" or (fail == "first" and CALLS[label] == 1):
+        raise ValueError(f"{label} failed on purpose, attempt {CALLS[label]}")
     return {"label": label, "ran": CALLS[label]}
 
 
-async def count_async(label: str, fail: bool) -> dict[str, Any]:
+async def count_async(label: str, fail: str) -> dict[str, Any]:
     await anyio.lowlevel.checkpoint()
     return count(label, fail)
 
@@ -134,7 +135,7 @@ def walk(block: Block, scheduled: list[str]) -> Generator[Any, Any, Any]:
         elif op == "call":
             fn = count_async if step["async"] else count
             try:
-                result = yield call(fn, step["label"], step["fail"])
+                result = yield call(fn, step["label"], step["fail"]).with_retries(step["retries"], delay=0)
             except CallError as exc:
                 yield send(f"call failed: {type(exc).__name__}: {exc}")
             else:
@@ -205,7 +206,17 @@ def ops(body: st.SearchStrategy[Block]) -> st.SearchStrategy[dict[str, Any]]:
         (2, st.fixed_dictionaries({"op": st.just("sleep"), "duration": durations})),
         (2, st.fixed_dictionaries({"op": st.just("sleep_until"), "when": instants})),
         (1, st.fixed_dictionaries({"op": st.just("now")})),
-        (3, st.fixed_dictionaries({"op": st.just("call"), "async": st.booleans(), "fail": st.booleans()})),
+        (
+            3,
+            st.fixed_dictionaries(
+                {
+                    "op": st.just("call"),
+                    "async": st.booleans(),
+                    "fail": st.sampled_from(["never", "always", "first"]),
+                    "retries": st.integers(0, 1),
+                }
+            ),
+        ),
         (1, st.fixed_dictionaries({"op": st.just("tz"), "zone": zones})),
         (1, st.fixed_dictionaries({"op": st.just("bad_time")})),
         (
@@ -381,11 +392,13 @@ def assert_same(warm: Run, cold: Run) -> None:
     assert cold.transcript == warm.transcript
     assert cold.handed == warm.handed
     assert [e.model_dump() for e in cold.events] == [e.model_dump() for e in warm.events]
-    # Each recorded call ran exactly once (a start of the id again is a new run, whose calls run anew).
+    # Each recorded call ran exactly as often as it records attempts, never again on replay (a start of
+    # the id again is a new run, whose calls run anew).
     assert cold.calls == warm.calls
-    assert sum(warm.calls.values()) == sum(1 for e in warm.events if e.kind == "called"), warm.calls
+    attempts = [e.attempts for e in warm.events if isinstance(e, Called)]
+    assert sum(warm.calls.values()) == sum(attempts), warm.calls
     if sum(1 for e in warm.events if e.kind == "started") == 1:
-        assert all(n == 1 for n in warm.calls.values()), f"a call ran more than once: {warm.calls}"
+        assert list(warm.calls.values()) == attempts, f"a call ran more often than it records: {warm.calls}"
 
 
 def store_opener(kind: str, folder: Path) -> Callable[[], Callable[[], Any]]:
