@@ -277,7 +277,7 @@ def create_app(
 
     * ``token``: require ``Authorization: Bearer <token>`` on every request (constant-time check);
     * ``webhook_url`` / ``webhook_secret``: POST every bot message there, signed when a secret is set
-      (see :mod:`dynaprompt.http.webhook`); ``channel`` adds any other channel instead;
+      (see :mod:`dynaprompt.http.webhook`); ``channel``: another downstream channel, used when no webhook is set;
     * ``max_body_bytes``: larger request bodies get 413 without being read;
     * ``timer_loop``: run ``runner.serve()`` in the lifespan (timers, scheduled sends, retries);
     * ``clock`` and ``runner_options`` go to the :class:`~dynaprompt.runner.Runner`.
