@@ -129,6 +129,7 @@ class Runner:
         self._locks: dict[str, anyio.Lock] = {}
         self._changed = anyio.Event()
         self._carried: dict[str, tuple[str, tuple[Any, BaseException | None, int]]] = {}
+        self._took_over_dead = False  # run_due() looks once for leases left by dead processes on this host
 
     async def __aenter__(self) -> Runner:
         return self
@@ -280,6 +281,18 @@ class Runner:
         now = self.clock.now()
         await scheduling.fire_due(self, now)
         seen: set[str] = set()
+        if not self._took_over_dead:
+            # A process killed mid-advance leaves its lease until it expires, and due() skips leased rows; a
+            # restart on the same host takes those over at once (the owner is provably dead), so its
+            # half-done advances and unhanded messages do not wait out the lease.
+            self._took_over_dead = True
+            for row in await self.store.conversations():
+                if row.lease_owner is not None and _owner_is_dead(row.lease_owner):
+                    seen.add(row.id)
+                    try:
+                        await self._fire(row.id)
+                    except Exception:
+                        log.exception("conversation %r could not be taken over", row.id)
         while True:
             batch = [cid for cid in await self.store.due(now, self.due_batch + len(seen)) if cid not in seen]
             if not batch:
