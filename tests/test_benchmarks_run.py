@@ -1,0 +1,52 @@
+"""The core benchmark still runs end to end (tiny sizes, so it cannot rot); its figures are not judged here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "bench_core.py"
+TINY = ["--n", "4", "--k", "2", "--full-n", "2", "--live", "3", "--idle", "30", "--log-sizes", "40,80"]
+TINY += ["--repeats", "1", "--raw-seconds", "0.05"]
+
+
+@pytest.mark.slow
+def test_benchmark_prints_every_figure_for_both_stores(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "--dir", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    table, _, raw = done.stdout.partition("\n{")
+    for label in (
+        "turns per second",
+        "turns per CPU-second",
+        "synchronous=FULL",
+        "raw sqlite3 commits per second (NORMAL)",
+        "turns/s / raw commits/s (NORMAL)",
+        "commits per turn",
+        "live again after restart (3 conversations, s)",
+        "cold resume, 40-event log (ms)",
+        "cold resume, 80-event log (ms)",
+        "peak RSS",
+        "heap per idle conversation, cache off",
+        "kill: yes, power loss: no",
+        "kill: yes, power loss: yes",
+    ):
+        assert label in table, f"{label!r} missing from:\n{table}"
+    figures = json.loads("{" + raw)
+    assert set(figures) == {"raw", "memory", "sqlite", "sqlite-full"}
+    for kind in ("memory", "sqlite"):
+        assert figures[kind]["turns"] == 4 * 2
+        assert figures[kind]["turns_per_s"] > 0
+        assert figures[kind]["commits_per_turn"] >= 1  # every turn writes durably
+        assert set(figures[kind]["cold_resume_s"]) == {"40", "80"}
+    assert figures["sqlite"]["restart_live"] == 3
+    assert figures["raw"]["normal"] > 0
