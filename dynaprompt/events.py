@@ -20,6 +20,7 @@ No code is stored: only JSON values, validated on read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -194,10 +195,12 @@ Event = Annotated[
 INPUT_KINDS = frozenset({"reply", "timer_fired", "delivered", "started"})
 
 _adapter: TypeAdapter[Event] = TypeAdapter(Event)
+_list_adapter: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
 def event_to_json(event: Event) -> str:
-    return event.model_dump_json()
+    """The event as JSON text (what ``model_dump_json`` gives, without its Python wrapper's cost)."""
+    return event.__pydantic_serializer__.to_json(event).decode()
 
 
 def event_from_json(conversation_id: str, seq: int, text: str | bytes) -> Event:
@@ -213,6 +216,29 @@ def event_from_json(conversation_id: str, seq: int, text: str | bytes) -> Event:
     if event.seq != seq:
         raise CorruptEventError(conversation_id, seq, f"it says seq {event.seq}")
     return event
+
+
+def events_from_json(conversation_id: str, rows: Sequence[tuple[int, str | bytes]]) -> list[Event]:
+    """Validate ``(seq, body)`` rows of one conversation at once; the first bad one raises ``CorruptEventError``.
+
+    The bodies are joined into one JSON array and validated in a single pydantic-core call (a long log loads
+    several times faster than event by event); if that fails, each is validated alone to name the bad one.
+    """
+    from dynaprompt.errors import CorruptEventError
+
+    if not rows:
+        return []
+    try:
+        joined = "[" + ",".join(body if isinstance(body, str) else body.decode() for _, body in rows) + "]"
+        events = _list_adapter.validate_json(joined)
+    except (ValidationError, UnicodeDecodeError):
+        events = []
+    if len(events) != len(rows):  # a body that is bad alone (or several values) never passes as one element
+        return [event_from_json(conversation_id, seq, body) for seq, body in rows]
+    for (seq, _), event in zip(rows, events, strict=True):
+        if event.seq != seq:
+            raise CorruptEventError(conversation_id, seq, f"it says seq {event.seq}")
+    return events
 
 
 def event_from_dict(conversation_id: str, seq: int, data: object) -> Event:

@@ -44,7 +44,13 @@ class ConversationRow(BaseModel):
 
 class RowUpdate(BaseModel):
     """Fields of a conversation row to set with an append; ``None`` leaves a field alone
-    except where ``clear`` names it."""
+    except where ``clear`` names it.
+
+    ``release_owner``: if the lease is held by this owner, drop it in the same
+    write (the runner's last append of an advance releases with it: one commit,
+    not two). A store that ignores it stays correct: the runner sees the lease
+    still held in the returned row and releases it with ``release()``.
+    """
 
     model_config = ConfigDict(frozen=True)
     dialog: str | None = None
@@ -58,9 +64,12 @@ class RowUpdate(BaseModel):
     needs_advance: bool | None = None
     tz: str | None = None
     clear: frozenset[str] = frozenset()
+    release_owner: str | None = None
 
     def apply(self, row: ConversationRow, last_seq: int, now: datetime) -> ConversationRow:
         changes: dict[str, object] = {"last_seq": last_seq, "updated_at": now}
+        if self.release_owner is not None and row.lease_owner == self.release_owner:
+            changes["lease_owner"] = changes["lease_until"] = None
         for name in (
             "dialog",
             "state",
