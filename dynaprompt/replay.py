@@ -47,6 +47,7 @@ from dynaprompt.errors import (
     UnknownTimeZoneError,
 )
 from dynaprompt.events import (
+    INPUT_KINDS,
     Called,
     Cancelled,
     Completed,
@@ -135,6 +136,9 @@ class Execution:
     _feed: tuple[Any, BaseException | None] | None = None
     _begun: bool = False
     _new: list[Event] = field(default_factory=list)
+    # Effect and outcome events (not inputs) in the log so far: the place of the next effect in the run. Counted,
+    # because ``log`` only keeps what is still unread (see ``_outcome``).
+    effect_events: int = 0
 
     @classmethod
     def begin(cls, conversation_id: str, dialog: Dialog, started: Started, history: Sequence[Event] = ()) -> Execution:
@@ -157,6 +161,8 @@ class Execution:
                 raise CorruptEventError(self.conversation_id, event.seq, f"expected seq {self.last_seq + 1}")
             self.log.append(event)
             self.last_seq = event.seq
+            if event.kind not in INPUT_KINDS:
+                self.effect_events += 1
 
     def input_reply(self, text: str, metadata: dict[str, JsonValue], now: datetime) -> ReplyReceived:
         """Record an inbound message at the next sequence number."""
@@ -418,6 +424,10 @@ class Execution:
 
     def _outcome(self, state: State, *, wake_at: datetime | None = None, call: Call | None = None) -> Advance:
         self.state = state
+        # What replay has read is never read again: drop it, so a cached execution holds its frames, inbox and
+        # outbox, not its whole history (an idle conversation in the cache stays small however long its log).
+        del self.log[: self.cursor]
+        self.cursor = 0
         return Advance(self.take_new_events(), state, wake_at, call, self.result, self.error)
 
     def wake_at(self) -> datetime | None:
@@ -483,6 +493,8 @@ class Execution:
         self.cursor = len(self.log)
         self._new.append(event)
         self._track_outbox(event)
+        if event.kind not in INPUT_KINDS:
+            self.effect_events += 1
         return event
 
     def _record_input(self, event: Event) -> None:
