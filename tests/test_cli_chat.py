@@ -209,11 +209,14 @@ def test_chat_killed_mid_conversation_resumes_where_it_was(url: str) -> None:
     assert first == secret  # the first game's number was drawn once, however often the process died
 
 
-def test_ctrl_c_leaves_cleanly_and_the_default_store_is_in_the_working_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_leaves_cleanly_and_the_default_store_is_in_the_working_folder(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
     chat = Chat(GUESSBOT, cwd=tmp_path)
     chat.expect(r"-- store sqlite:///\.dynaprompt/dynaprompt\.db$")
     chat.expect(r"bot> I'm thinking of a number")
-    chat.process.send_signal(signal.SIGINT)
+    chat.process.send_signal(stop)
     assert chat.process.wait(timeout=TIMEOUT) == 0
     assert chat.rest() == ["-- left conversation 'console'; run the same command to continue it"]
     assert recorded_secrets(f"sqlite:///{tmp_path}/.dynaprompt/dynaprompt.db")
