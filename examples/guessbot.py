@@ -24,7 +24,7 @@ YES = frozenset({"y", "yes", "yeah", "yep", "sure", "ok", "okay"})
 NO = frozenset({"n", "no", "nope", "nah"})
 
 
-@dialog(name="yes_no")
+@dialog(name="guessbot.yes_no")
 def yes_no(question: str):
     """Ask ``question`` until the answer is yes or no; the result is True or False."""
     yield send(f"{question} (yes/no)")

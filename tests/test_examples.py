@@ -50,7 +50,7 @@ async def play_to_win(runner: Runner, channel: ListChannel, low: int = 1, high: 
 
 async def test_main_is_the_dialog_chat_picks_from_the_file() -> None:
     assert load_dialog(str(GUESSBOT)).name == "guessbot"
-    assert load_dialog(f"{GUESSBOT}:yes_no").name == "yes_no"
+    assert load_dialog(f"{GUESSBOT}:yes_no").name == "guessbot.yes_no"
 
 
 async def test_a_game_is_won_by_binary_search_on_the_recorded_number(
