@@ -54,6 +54,7 @@ log = logging.getLogger("dynaprompt")
 
 _ENDED = ("completed", "failed")
 _MAX_ATTEMPTS = 50
+_FLUSH_CLEARS = frozenset({"wake_at", "result", "error"})
 
 
 class Runner:
@@ -250,16 +251,22 @@ class Runner:
         async with self._lock(conversation_id):
             for _ in range(_MAX_ATTEMPTS):
                 now = self.clock.now()
-                row = await self.store.get(conversation_id)
-                if row is None:
-                    raise UnknownConversationError(conversation_id)
-                if row.state in _ENDED and not row.parked:
-                    raise ConversationEndedError(conversation_id, row.state)
-                leased = await self._acquire(conversation_id, row, now)
+                # The lease is usually free: claim it at once and read the row only when that fails.
+                leased = await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
+                if leased is None:
+                    row = await self.store.get(conversation_id)
+                    if row is None:
+                        raise UnknownConversationError(conversation_id)
+                    if row.state in _ENDED and not row.parked:
+                        raise ConversationEndedError(conversation_id, row.state)
+                    leased = await self._acquire(conversation_id, row, now)
                 if leased is None:
                     if await self._append_unleased(conversation_id, text, json_metadata):
                         return await self.status(conversation_id)
                     continue
+                if leased.state in _ENDED and not leased.parked:
+                    await self.store.release(conversation_id, self.owner, None)
+                    raise ConversationEndedError(conversation_id, leased.state)
                 try:
                     execution = await self._execution(leased)
                 except BaseException:
@@ -411,10 +418,7 @@ class Runner:
         row = await self.store.get(conversation_id)
         if row is None:
             raise UnknownConversationError(conversation_id)
-        return Status(
-            conversation_id=row.id, dialog=row.dialog, state=row.state, wake_at=row.wake_at,
-            result=row.result, error=row.error, run=row.run, last_seq=row.last_seq,
-        )  # fmt: skip
+        return _status(row)
 
     async def transcript(self, conversation_id: str) -> list[TranscriptEntry]:
         """Every message of every run, both directions, in log order.
@@ -458,7 +462,8 @@ class Runner:
         """Serialise this runner's own work on one conversation; no state outlives the work."""
         lock = self._locks.get(conversation_id)
         if lock is None:
-            lock = self._locks[conversation_id] = anyio.Lock()
+            # fast_acquire: an uncontended lock (the usual case) is taken without a trip through the event loop.
+            lock = self._locks[conversation_id] = anyio.Lock(fast_acquire=True)
         try:
             async with lock:
                 yield
@@ -554,7 +559,10 @@ class Runner:
         stale = row is not None and (row.parked or row.needs_advance or row.state != execution.state)
         try:
             while True:
-                await self._advance(conversation_id, execution, stale)
+                written = await self._advance(conversation_id, execution, stale)
+                if written is not None and written.lease_owner is None:
+                    break  # the advance's last append dropped the lease with it
+                written = None
                 if await self._release(conversation_id, execution):
                     break
                 current = await self.store.get(conversation_id)
@@ -567,7 +575,7 @@ class Runner:
             await self._abandon(conversation_id, execution)
             raise
         self._keep(conversation_id, execution)
-        return await self.status(conversation_id)
+        return _status(written) if written is not None else await self.status(conversation_id)
 
     async def _abandon(self, conversation_id: str, execution: Execution | None = None) -> None:
         """Drop our cached state and our lease after a failure, even while being cancelled:
@@ -593,7 +601,9 @@ class Runner:
             return False
         return True
 
-    async def _advance(self, conversation_id: str, execution: Execution, row_stale: bool) -> None:
+    async def _advance(self, conversation_id: str, execution: Execution, row_stale: bool) -> ConversationRow | None:
+        """Drive the execution until it blocks, appending and handing off as it goes; the row of the last append
+        if that append also released our lease, else None (the caller releases)."""
         now = self.clock.now()
         while True:
             try:
@@ -618,37 +628,50 @@ class Runner:
                 renewing.cancel_scope.cancel()
             now = self.clock.now()
             execution.record_call(result, error, now, attempts)
-        wrote = await self._flush(conversation_id, execution, now, outcome.events)
-        await self._hand_off(conversation_id, execution, now)
-        if row_stale and not wrote:
-            await self._flush(conversation_id, execution, now, [], force=True)
+        # The last append of the advance carries the lease release (one commit, not two): it is the hand-off's
+        # "delivered" append when messages are due, else this one. A stale row is rewritten even with no events.
+        if not execution.due_messages(now):
+            return await self._flush(conversation_id, execution, now, outcome.events, force=row_stale, release=True)
+        await self._flush(conversation_id, execution, now, outcome.events, force=row_stale)
+        return await self._hand_off(conversation_id, execution, now, release=True)
 
     async def _flush(
-        self, conversation_id: str, execution: Execution, now: datetime, events: list[Event], *, force: bool = False
-    ) -> bool:
-        """Append ``events`` with the row they imply; False if there was nothing to write."""
+        self,
+        conversation_id: str,
+        execution: Execution,
+        now: datetime,
+        events: list[Event],
+        *,
+        force: bool = False,
+        release: bool = False,
+    ) -> ConversationRow | None:
+        """Append ``events`` with the row they imply (dropping our lease with it if ``release``); the new row,
+        or None if there was nothing to write."""
         if not events and not force:
-            return False
+            return None
         wake_at = execution.wake_at()
         update = RowUpdate(
             state=execution.state, wake_at=wake_at, needs_advance=False, parked=False,
             result=execution.result, error=str(execution.error) if execution.error else None,
-            clear=frozenset({"wake_at", "result", "error"}),
+            clear=_FLUSH_CLEARS, release_owner=self.owner if release else None,
         )  # fmt: skip
         try:
-            await self.store.append(conversation_id, events, update, now)
+            written = await self.store.append(conversation_id, events, update, now)
         except ConflictError:
             await self._forget(conversation_id, execution)
             raise
         self._carried.pop(conversation_id, None)
         if wake_at is not None:
             self._changed.set()
-        return True
+        return written
 
-    async def _hand_off(self, conversation_id: str, execution: Execution, now: datetime) -> None:
+    async def _hand_off(
+        self, conversation_id: str, execution: Execution, now: datetime, *, release: bool = False
+    ) -> ConversationRow | None:
+        """Hand due messages to the channel and record them delivered; the row of that append (see ``_flush``)."""
         due = execution.due_messages(now)
         if not due:
-            return
+            return None
         handed: list[str] = []
         for sent in due:
             mid = message_id(conversation_id, sent.seq)
@@ -666,8 +689,10 @@ class Runner:
                     log.exception("channel refused message %s; it stays queued", mid)
                     break
             handed.append(mid)
-        if handed:
-            await self._flush(conversation_id, execution, now, execution.mark_delivered(handed, self.clock.now()))
+        if not handed:
+            return None
+        delivered = execution.mark_delivered(handed, self.clock.now())
+        return await self._flush(conversation_id, execution, now, delivered, release=release)
 
     async def _run_call(
         self, conversation_id: str, execution: Execution, effect: Call
@@ -726,6 +751,13 @@ def _default_cache_size() -> int:
 
 def _seconds(value: timedelta | float) -> timedelta:
     return value if isinstance(value, timedelta) else timedelta(seconds=value)
+
+
+def _status(row: ConversationRow) -> Status:
+    return Status(
+        conversation_id=row.id, dialog=row.dialog, state=row.state, wake_at=row.wake_at,
+        result=row.result, error=row.error, run=row.run, last_seq=row.last_seq,
+    )  # fmt: skip
 
 
 def _iso(value: datetime | None) -> str | None:
