@@ -23,7 +23,7 @@ import pytest
 from dynaprompt import Runner, open_store
 from dynaprompt.cli import main
 from dynaprompt.events import Called
-from dynaprompt.loading import load_dialog
+from dynaprompt.loading import DialogLoadError, load_dialog
 
 pytestmark = pytest.mark.slow
 
@@ -425,3 +425,38 @@ def test_at_a_terminal_ctrl_d_leaves_cleanly(url: str) -> None:
     finally:
         os.close(terminal)
         os.close(child_side)
+
+
+# -- how a target names a dialog (dynaprompt.loading, shared by every command) ---------------
+
+
+def test_a_target_resolves_main_then_the_only_dialog_then_an_attribute(tmp_path: Path) -> None:
+    (tmp_path / "only_one.py").write_text(
+        "from dynaprompt import dialog, send\n\n@dialog(name='solo')\ndef solo():\n    yield send('hi')\n"
+    )
+    assert load_dialog(str(tmp_path / "only_one.py")).name == "solo"
+    assert load_dialog(GUESSBOT).name == "guessbot"  # `main` wins over the three dialogs it defines
+    assert load_dialog(f"{GUESSBOT}:play_round").name == "guessbot.round"
+
+
+@pytest.mark.parametrize(
+    ("source", "target_suffix", "message"),
+    [
+        ("x = 1\n", "", "defines no @dialog"),
+        ("def f():\n    return 1\n", ":f", "is a function, not a @dialog"),
+        ("x = 1\n", ":missing", "has no attribute 'missing'"),
+        ("def broken(:\n", "", "importing"),
+        ("raise RuntimeError('boom')\n", "", "RuntimeError: boom"),
+    ],
+    ids=["no-dialog", "not-a-dialog", "no-attribute", "syntax-error", "raises-on-import"],
+)
+def test_a_bad_target_is_a_clear_error(tmp_path: Path, source: str, target_suffix: str, message: str) -> None:
+    bot = tmp_path / f"bad_{tmp_path.name}.py"  # a module name of its own in this process
+    bot.write_text(source)
+    with pytest.raises(DialogLoadError, match=re.escape(message)):
+        load_dialog(f"{bot}{target_suffix}")
+
+
+def test_an_unknown_module_is_a_clear_error() -> None:
+    with pytest.raises(DialogLoadError, match="cannot import module 'no_such_bot_module'"):
+        load_dialog("no_such_bot_module:bot")
