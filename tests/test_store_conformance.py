@@ -150,6 +150,19 @@ class ChecksThenWrites(MemoryStore):
         return row
 
 
+class ReleasesAnyOwnersLease(MemoryStore):
+    """Drops the lease on ``RowUpdate.release_owner`` whoever holds it: another runner's claim is lost."""
+
+    async def append(
+        self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        row = await super().append(conversation_id, events, update, now)
+        if update.release_owner is not None:
+            row = row.model_copy(update={"lease_owner": None, "lease_until": None})
+            self._rows[conversation_id] = row
+        return row
+
+
 class ReleasesWhateverTheLog(MemoryStore):
     """Ignores ``last_seq`` on release, so a reply appended meanwhile could be stranded."""
 
@@ -210,6 +223,7 @@ class CreatesOverExisting(MemoryStore):
         (AppendsOverTakenSeqs, "expected ConflictError, nothing was raised"),
         (UpdatesRowBeforeCheckingSeqs, "the row after a conflicting append"),
         (ChecksThenWrites, "by 8 concurrent writers that succeeded"),
+        (ReleasesAnyOwnersLease, "append(release_owner=<not the holder>)"),
         (ReleasesWhateverTheLog, "release() when the log does not end at last_seq"),
         (ListsLeasedAsDue, "the ids due() returns"),
         (StealsLiveLeases, "acquire() of a lease another owner holds"),

@@ -337,6 +337,24 @@ async def _leases(store: Store) -> None:
     check.row(await store.get(cid), {"lease_owner": None, "lease_until": None, "last_seq": 3, "wake_at": at(900)},
               "the row after leases came and went (nothing else may change)")  # fmt: skip
 
+    # RowUpdate.release_owner may drop our lease with the write (a store may also ignore it), but never
+    # another owner's, and the row append() returns must say which happened.
+    check.true(await store.acquire(cid, "a", at(300), at(70)) is not None, "acquire() of a free lease")
+    returned = await store.append(cid, [_sent(4)], RowUpdate(release_owner="b"), at(71))
+    check.row(returned, {"lease_owner": "a", "lease_until": at(300)}, "append(release_owner=<not the holder>)")
+    check.row(await store.get(cid), {"lease_owner": "a"}, "the lease after append(release_owner=<not the holder>)")
+    returned = await store.append(cid, [_sent(5)], RowUpdate(release_owner="a"), at(72))
+    check.true(
+        returned.lease_owner in ("a", None),
+        f"append(release_owner=<the holder>) gave the lease to {returned.lease_owner}",
+    )
+    stored = await store.get(cid)
+    check.row(stored, {"lease_owner": returned.lease_owner, "lease_until": returned.lease_until, "last_seq": 5},
+              "get() after append(release_owner=<the holder>) (it must match the row append() returned)")  # fmt: skip
+    await store.release(cid, "a", None)
+    returned = await store.append(cid, [_sent(6)], RowUpdate(release_owner="a"), at(73))
+    check.row(returned, {"lease_owner": None, "last_seq": 6}, "append(release_owner=...) with no lease held")
+
 
 async def _due(store: Store) -> None:
     check = _Checker(store, "due() and next_wake_at()")
@@ -517,7 +535,8 @@ async def check_store(make_store: StoreFactory) -> None:
       event of the batch, no row change); so does ``create`` of an existing id;
     * leases: free, ours, expired and ``steal_from`` are taken, a live one
       held by another is not; ``release`` checks the owner and ``last_seq``
-      (``None``: unconditional);
+      (``None``: unconditional); ``RowUpdate.release_owner`` never drops
+      another owner's lease, and ``append`` returns the lease as stored;
     * ``due``: ``wake_at <= now``, ``needs_advance`` or an expired lease,
       never a live lease, soonest first, at most ``limit``; ``next_wake_at``;
       ``conversations(state)``;
