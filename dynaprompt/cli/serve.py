@@ -13,8 +13,11 @@ them: ``DYNAPROMPT_TOKEN`` and ``DYNAPROMPT_WEBHOOK_SECRET``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -26,6 +29,20 @@ from dynaprompt.stores import mask, open_store
 __all__ = ["add_parser", "run"]
 
 DEFAULT_STORE = "sqlite:///.dynaprompt/dynaprompt.db"
+
+
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server without its own signal handling: the command handles SIGINT and SIGTERM, so it
+        can close the store and exit 0 (uvicorn would re-raise the signal and kill the process instead)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return Server
 
 
 def add_parser(subparsers: Any) -> None:
@@ -78,8 +95,14 @@ async def run(args: argparse.Namespace) -> int:
             access_log=args.log_level in ("debug", "info"),
             timeout_graceful_shutdown=3,  # open streams would otherwise hold a graceful shutdown forever
         )
-        server = uvicorn.Server(config)
+        server = _server_class()(config)
         async with anyio.create_task_group() as group:
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        server.should_exit = True  # graceful: finish requests, run the lifespan's shutdown
+                        return
 
             async def announce() -> None:
                 while not server.started:
@@ -93,6 +116,7 @@ async def run(args: argparse.Namespace) -> int:
                 )
 
             group.start_soon(announce)
+            group.start_soon(stop_on_signal)
             await server.serve()
             group.cancel_scope.cancel()
         if not server.started:
