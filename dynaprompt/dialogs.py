@@ -68,9 +68,9 @@ def dialog(
 
     The name defaults to ``module:qualname``; it is what the log records, so
     keep it stable (pass ``name=`` before moving the function). Registering a
-    name again replaces the older definition. ``version`` is recorded with
-    every run and shown by ``status()``; it names your change, it does not
-    keep old code around.
+    name again replaces the older definition. ``version`` is recorded in the
+    ``started`` event of every run (``dynaprompt show ID --events``); it names
+    your change, it does not keep old code around.
     """
 
     def register(function: DialogFunction) -> Dialog:
