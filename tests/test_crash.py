@@ -24,7 +24,6 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -314,21 +313,29 @@ def test_resume_after_sigkill_at_any_write_loses_and_repeats_nothing(crash_cases
 # -- killed by the parent while blocked inside a call() ------------------------------------
 
 
-def read_until(process: subprocess.Popen[str], marker: str) -> Iterator[str]:
-    """Lines of ``process``'s stdout up to ``marker``; fails after TIMEOUT seconds instead of hanging."""
+def read_until(process: subprocess.Popen[bytes], marker: str) -> list[str]:
+    """Lines of ``process``'s stdout up to ``marker``; fails after TIMEOUT seconds instead of hanging.
+
+    Reads the pipe's file descriptor directly: a buffered reader could hold the marker line in its
+    buffer while ``select()`` waits on an empty pipe.
+    """
     assert process.stdout is not None
+    fd = process.stdout.fileno()
     selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    while True:
+    selector.register(fd, selectors.EVENT_READ)
+    received = b""
+    while marker.encode() + b"\n" not in received:
         if not selector.select(timeout=TIMEOUT):
             process.kill()
-            pytest.fail(f"worker never printed {marker!r}")
-        line = process.stdout.readline()
-        if not line:
-            pytest.fail(f"worker exited before {marker!r}: exit {process.wait(TIMEOUT)}")
-        yield line.strip()
-        if line.strip() == marker:
-            return
+            pytest.fail(f"worker never printed {marker!r}; it printed {received!r}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            pytest.fail(
+                f"worker exited before {marker!r}: exit {process.wait(TIMEOUT)}, printed {received!r} (see worker.err)"
+            )
+        received += chunk
+    selector.close()
+    return received.decode().splitlines()
 
 
 @pytest.mark.parametrize(
@@ -341,12 +348,15 @@ def test_parent_kills_worker_blocked_in_call_and_resume_takes_dead_lease_at_once
 ) -> None:
     env = worker_env()
     env["CRASH_BLOCK_CALL"] = blocked_call
-    process = subprocess.Popen(
-        [sys.executable, str(WORKER), "survey", "--dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    with (tmp_path / "worker.err").open("wb") as errors:  # a file, not a pipe nobody reads while we wait
+        process = subprocess.Popen(
+            [sys.executable, str(WORKER), "survey", "--dir", str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            env=env,
+        )
     try:
-        seen = list(read_until(process, "BLOCKED"))
+        seen = read_until(process, "BLOCKED")
         process.send_signal(signal.SIGKILL)
         assert process.wait(TIMEOUT) == KILLED
     finally:
