@@ -438,3 +438,14 @@ async def test_a_message_to_a_conversation_whose_code_changed_is_stored_and_answ
         assert retried.status_code == 200
         assert retried.json()["status"]["state"] == "completed"  # it took "still here" and went on
         assert (await client.post("/conversations/ghost/retry")).status_code == 404
+
+
+async def test_the_runner_refuses_arguments_that_do_not_fit_the_dialog_and_stores_nothing(
+    store: Store, clock: VirtualClock
+) -> None:
+    # The service checks arguments itself too; this is the runner's own guard, which embedders rely on.
+    async with Runner(store, clock=clock) as runner:
+        with pytest.raises(InvalidInputError, match="cannot take these arguments"):
+            await runner.start(echo, "c1", "one", "two")
+        assert await store.get("c1") is None
+        assert (await runner.start(echo, "c1", "Hello.")).state == "waiting_for_reply"
