@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 
-from dynaprompt import Runner, Store, StoreUnavailableError, dialog, finish, send, wait_for_reply
+from dynaprompt import InvalidInputError, Runner, Store, StoreUnavailableError, dialog, finish, send, wait_for_reply
 from dynaprompt.events import Event
 from dynaprompt.http import create_app, openapi_document
 from dynaprompt.http.stream import ConversationStream, Hub, ServiceChannel
