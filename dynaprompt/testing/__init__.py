@@ -1,4 +1,5 @@
-"""Tools for testing dialogs: a virtual clock and a collecting channel."""
+"""Tools for testing dialogs and stores: a virtual clock, a collecting channel, and ``check_store``, the
+conformance suite every store must pass."""
 
 from dynaprompt.channels.base import ListChannel
 from dynaprompt.clock import VirtualClock
