@@ -35,6 +35,7 @@ from dynaprompt.errors import (
     ConversationEndedError,
     ConversationExistsError,
     DynapromptError,
+    InvalidInputError,
     MessageTooLargeError,
     NondeterminismError,
     NotTextError,
@@ -171,6 +172,10 @@ class Runner:
         chosen = lookup(dialog_fn.name if isinstance(dialog_fn, Dialog) else dialog_fn)
         json_args = to_json(args, f"the arguments of {chosen.name}")
         json_kwargs = to_json(kwargs, f"the keyword arguments of {chosen.name}")
+        try:  # checked before anything is stored: a misfit would otherwise leave a run that can never start
+            inspect.signature(chosen.fn).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidInputError(f"dialog {chosen.name!r} cannot take these arguments: {exc}") from None
         conversation_tz = tz or self.tz
         zone(conversation_tz)
         async with self._lock(conversation_id):
