@@ -9,12 +9,14 @@ The tree::
     ├── UnknownTimeZoneError       a time-zone name that is not an IANA zone
     ├── UnknownDialogError         a dialog name that is not registered
     ├── DialogLoadError            (dynaprompt.loading) a command-line target naming no single dialog
+    ├── WebhookDeliveryError       (dynaprompt.http) the webhook did not acknowledge a message
     ├── InvalidInputError          user input the library refuses
     │   ├── NotTextError           a message whose text is not a str
     │   ├── MessageTooLargeError   a message over the runner's size limit
     │   ├── NotJSONError           dialog arguments or results that are not JSON-compatible
     │   ├── RecurrenceError        an ``every=`` phrase or cron expression not understood
-    │   └── ScheduleError          a schedule that cannot be (past ``at``, too frequent, ...)
+    │   ├── ScheduleError          a schedule that cannot be (past ``at``, too frequent, ...)
+    │   └── UnknownMessageIdError  (dynaprompt.http) a stream resumed after an id it does not know
     ├── ConversationError
     │   ├── UnknownConversationError
     │   ├── ConversationExistsError   start() of an id that has a live run
