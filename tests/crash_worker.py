@@ -46,7 +46,7 @@ from typing import Any
 
 import anyio
 
-from dynaprompt import Message, Runner, call, dialog, finish, now, open_store, send, sleep, wait_for_reply
+from dynaprompt import Message, Runner, call, cancel, dialog, finish, now, open_store, send, sleep, wait_for_reply
 from dynaprompt.stores.sqlite import SQLiteStore
 from dynaprompt.testing import VirtualClock
 
@@ -105,7 +105,9 @@ async def survey(side_file: str):  # type: ignore[no-untyped-def]
     yield send(f"Noted: {wish.text}." if wish else "Silence, so the chef decides.")
     booking = yield call(confirm_booking, side_file, seats.text if seats else "1")
     yield send(f"Confirmed: {booking}.")
+    last_call = yield send("Last call for dessert!", at="in 2 hours")
     dessert = yield yes_no("Dessert?")
+    yield cancel(last_call)  # answered: the scheduled nudge must never go out
     yield send("Dessert it is." if dessert else "No dessert.")
     last = yield wait_for_reply()
     yield send(f"Goodbye, {name.text}! ({last.text})")

@@ -179,8 +179,9 @@ def test_reference_run_exercises_every_kind_of_write(reference: Reference) -> No
     kinds = {kind for label in reference.writes for kind in label.replace("]", "").replace("[", ",").split(",")}
     assert {"create", "append", "acquire", "release"} <= kinds
     assert {"started", "reply", "called", "sent", "waiting", "sleeping", "now", "timer_fired"} <= kinds
-    assert {"sub_started", "sub_ended", "delivered", "completed"} <= kinds
+    assert {"sub_started", "sub_ended", "cancelled", "delivered", "completed"} <= kinds
     assert any(e["kind"] == "sent" and e["due_at"] for e in reference.events)  # a scheduled send(at=...)
+    assert "Last call for dessert!" not in {line["text"] for line in reference.channel}  # cancelled in time
     assert reference.calls == Counter({"issue_ticket": 1, "confirm_booking": 1})
     assert ("out", "Goodbye, Ann! (bye)") in reference.transcript
 
