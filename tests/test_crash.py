@@ -7,7 +7,9 @@ kills itself there and a new worker resumes the conversation from the store.
 What a user would see must not change: every acknowledged reply is kept once,
 no recorded ``call()`` runs again, no bot message is recorded twice, each
 message reaches the channel under one stable id, no later than it did
-uninterrupted, and the transcript equals the reference.
+uninterrupted, and the transcript equals the reference. A few cases kill the
+resumer too, at its first writes (taking over the dead lease, finishing the
+interrupted advance), and a third process finishes.
 
 A ``call()`` interrupted after it ran but before its result was committed runs
 again on resume (at-least-once: the log cannot know it ran); once its result
@@ -42,6 +44,7 @@ CONVERSATION = "survey-1"  # crash_worker.CONVERSATION
 START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)  # crash_worker.START: step k runs at START + SCRIPT[k].minutes
 TIMEOUT = 60  # seconds for any one worker process: a hang fails the test instead of blocking CI
 MAX_CASES = 40  # kill points sampled evenly from every (write, before/after); DYNAPROMPT_CRASH_ALL=1 runs them all
+DOUBLE_CASES = 6  # a first kill, then the resumer killed too
 KILLED = -signal.SIGKILL
 
 
@@ -191,13 +194,15 @@ def test_reference_run_exercises_every_kind_of_write(reference: Reference) -> No
 
 @dataclass
 class CrashCase:
-    write: int
-    position: str
+    write: int  # the first worker dies at its write-th write...
+    position: str  # ...before or after its commit
     label: str = ""
+    then: tuple[int, str] | None = None  # the first resumer dies too, at this (write, position) of its own
     problems: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return f"kill {self.position} write {self.write} ({self.label})"
+        again = f", then {self.then[1]} the resumer's write {self.then[0]}" if self.then else ""
+        return f"kill {self.position} write {self.write} ({self.label}){again}"
 
 
 def kill_points(writes: list[str]) -> list[tuple[int, str]]:
@@ -219,14 +224,27 @@ def kill_points(writes: list[str]) -> list[tuple[int, str]]:
 
 def crash_and_resume(case: CrashCase, workdir: Path, reference: Reference) -> CrashCase:
     problems = case.problems
-    killed = run_worker("survey", "--dir", str(workdir), "--kill-at", f"{case.write}:{case.position}")
-    if killed.returncode != KILLED:
-        problems.append(f"worker was not killed (exit {killed.returncode}): {killed.stderr[-500:]}")
-        return case
-    acked = acked_steps(killed.stdout)
-    logged_at_crash = events(workdir)
-    recorded_at_crash = {call_label(e["name"]) for e in logged_at_crash if e["kind"] == "called"}
-    ran_at_crash = Counter(label for label, _ in side_effects(workdir))
+    acked: list[int] = []
+    acked_texts: list[str] = []
+    ran_when_recorded: dict[str, int] = {}  # call -> how often it had run when its result was first seen durable
+    interrupted: Counter[str] = Counter()  # call -> killed processes that ran it but did not record it
+    for write, position in [(case.write, case.position), *([case.then] if case.then else [])]:
+        ran_before = Counter(label for label, _ in side_effects(workdir))
+        killed = run_worker(
+            "survey", "--dir", str(workdir), "--resume-from", str(max(acked, default=-1) + 1),
+            "--kill-at", f"{write}:{position}",
+        )  # fmt: skip
+        if killed.returncode != KILLED:
+            problems.append(f"worker was not killed at {write}:{position} (exit {killed.returncode}): {killed.stderr}")
+            return case
+        acked += acked_steps(killed.stdout)
+        acked_texts += acked_replies(killed.stdout)
+        recorded_at_crash = {call_label(e["name"]) for e in events(workdir) if e["kind"] == "called"}
+        ran_at_crash = Counter(label for label, _ in side_effects(workdir))
+        for label in recorded_at_crash:
+            ran_when_recorded.setdefault(label, ran_at_crash[label])
+        for label in ran_at_crash - ran_before:
+            interrupted[label] += label not in recorded_at_crash
 
     resumed = run_worker("survey", "--dir", str(workdir), "--resume-from", str(max(acked, default=-1) + 1))
     if resumed.returncode != 0 or "DONE" not in resumed.stdout:
@@ -240,7 +258,7 @@ def crash_and_resume(case: CrashCase, workdir: Path, reference: Reference) -> Cr
     if transcript != reference.transcript:
         problems.append(f"transcript differs: {transcript} != {reference.transcript}")
     heard = Counter(text for direction, text in transcript if direction == "in")
-    for text in acked_replies(killed.stdout):
+    for text in acked_texts:
         if heard[text] != 1:
             problems.append(f"acknowledged reply {text!r} appears {heard[text]} times")
 
@@ -250,11 +268,10 @@ def crash_and_resume(case: CrashCase, workdir: Path, reference: Reference) -> Cr
     for label, expected in reference.calls.items():
         if recorded[label] != 1:
             problems.append(f"call {label} recorded {recorded[label]} times")
-        if label in recorded_at_crash and ran[label] != ran_at_crash[label]:
+        if label in ran_when_recorded and ran[label] != ran_when_recorded[label]:
             problems.append(f"call {label} ran again after its result was recorded")
-        interrupted = ran_at_crash[label] == 1 and label not in recorded_at_crash
-        if ran[label] != expected + int(interrupted):
-            problems.append(f"call {label} ran {ran[label]} times (interrupted mid-call: {interrupted})")
+        if ran[label] != expected + interrupted[label]:
+            problems.append(f"call {label} ran {ran[label]} times (interrupted mid-call {interrupted[label]} times)")
 
     # Bot messages: recorded once each, same log shape as uninterrupted (hand-off records aside).
     sent_texts = [e["text"] for e in log if e["kind"] == "sent"]
@@ -286,11 +303,19 @@ def crash_and_resume(case: CrashCase, workdir: Path, reference: Reference) -> Cr
 
 @pytest.fixture(scope="module")
 def crash_cases(reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> list[CrashCase]:
-    cases = [CrashCase(n, position, reference.writes[n - 1]) for n, position in kill_points(reference.writes)]
+    writes = reference.writes
+    cases = [CrashCase(n, position, writes[n - 1]) for n, position in kill_points(writes)]
+    # Crashes during recovery: the resumer dies at one of its first writes (taking over the dead lease,
+    # finishing the interrupted advance), and a third process finishes the job.
+    firsts = [round(2 + i * (len(writes) - 8) / (DOUBLE_CASES - 1)) for i in range(DOUBLE_CASES)]
+    cases += [
+        CrashCase(n, ("after", "before")[i % 2], writes[n - 1], then=(1 + i % 3, ("before", "after")[i % 2]))
+        for i, n in enumerate(firsts)
+    ]
     root = tmp_path_factory.mktemp("crashes")
 
     def one(case: CrashCase) -> CrashCase:
-        workdir = root / f"{case.write:03d}-{case.position}"
+        workdir = root / f"{case.write:03d}-{case.position}{'-again' if case.then else ''}"
         workdir.mkdir()
         return crash_and_resume(case, workdir, reference)
 
@@ -301,7 +326,7 @@ def crash_cases(reference: Reference, tmp_path_factory: pytest.TempPathFactory) 
 def test_kill_points_cover_before_and_after_every_kind_of_write(
     reference: Reference, crash_cases: list[CrashCase]
 ) -> None:
-    covered = {(case.label.partition("[")[0], case.position) for case in crash_cases}
+    covered = {(case.label.partition("[")[0], case.position) for case in crash_cases if case.then is None}
     kinds = {label.partition("[")[0] for label in reference.writes}
     assert covered == {(kind, position) for kind in kinds for position in ("before", "after")}
 
