@@ -438,6 +438,10 @@ def test_changed_dialog_in_new_process_raises_nondeterminism_and_parks_until_fix
     assert status.state == "failed"
     assert status.error is not None
     assert status.error.startswith("NondeterminismError")
+    with sqlite3.connect(tmp_path / "colour.db") as connection:
+        parked = connection.execute("SELECT parked FROM conversations WHERE id = 'colour-1'").fetchone()
+    connection.close()
+    assert parked == (1,)  # parked: it waits for fixed code (retry), not for more replies
     after = events(tmp_path, "colour.db", "colour-1")
     assert after[: len(before)] == before  # the log is untouched...
     assert [(e["kind"], e["text"]) for e in after[len(before) :]] == [("reply", "Red")]  # ...but for the reply
