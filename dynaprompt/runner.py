@@ -666,7 +666,10 @@ class Runner:
             await self._forget(conversation_id, execution)
             raise
         self._carried.pop(conversation_id, None)
-        if wake_at is not None:
+        # Wake serve() early only for a wake-up it may be sleeping past. One due now is a message this very
+        # advance hands over next (or a channel refused it, which serve retries at its next poll): waking for
+        # it cost every woken sleeper a second, empty pass of the serve loop.
+        if wake_at is not None and wake_at > now:
             self._changed.set()
         return written
 
