@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import anyio
 from bson.errors import InvalidDocument
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from dynaprompt.errors import ConflictError, NotJSONError, StoreError, StoreUnavailableError
@@ -119,9 +119,14 @@ class MongoStore:
         self.retry_backoff = retry_backoff
         self._client = client
         self._owns_client = owns_client
-        self._events = database["events"]
-        self._rows = database["conversations"]
-        self._schedules = database["schedules"]
+        # An acknowledged write must survive the server being killed: journaled unless the client or URL chose
+        # a write concern of its own (w=majority on a replica set journals too, by the server's default).
+        concern = database.write_concern
+        if concern.is_server_default:
+            concern = WriteConcern(j=True)
+        self._events = database.get_collection("events", write_concern=concern)
+        self._rows = database.get_collection("conversations", write_concern=concern)
+        self._schedules = database.get_collection("schedules", write_concern=concern)
         self._indexed = False
 
     @classmethod
