@@ -314,3 +314,18 @@ async def test_concurrent_runners_fire_each_occurrence_once(clock: VirtualClock)
     assert channel.texts() == ["Hello Lee, talk to me.", "Bye now."] * 4
     [listed] = await runners[2].schedules()
     assert listed.fired == 4
+
+
+async def test_after_a_long_outage_the_latest_occurrence_within_grace_fires(
+    store: Store, clock: VirtualClock, channel: ListChannel
+) -> None:
+    async with Runner(store, channel, clock=clock) as runner:  # grace: the default hour
+        await runner.schedule(good_morning, "max", "Max", every="every day at 8am")  # first: 2026-01-06 08:00
+        clock.advance(timedelta(days=3, hours=23, minutes=20))  # down for days; back at 2026-01-09 08:20
+        await runner.run_due()
+        [listed] = await runner.schedules()
+        [started] = [e for e in await store.load("max") if e.kind == "started"]
+    assert channel.texts() == ["Good morning, Max!"]
+    assert started.occurrence == datetime(2026, 1, 9, 8, tzinfo=UTC)  # type: ignore[union-attr]
+    assert listed.fired == 1
+    assert listed.next_at == datetime(2026, 1, 10, 8, tzinfo=UTC)
