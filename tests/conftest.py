@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from dynaprompt import ListChannel, Store, open_store
+from dynaprompt import ListChannel, Runner, Store, open_store
 from dynaprompt.testing import VirtualClock
 
 settings.register_profile(
@@ -39,6 +39,19 @@ def channel() -> ListChannel:
 
 
 StoreFactory = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture(params=[1024, 0], ids=["cache", "no-cache"])
+def cache_size(request: pytest.FixtureRequest) -> int:
+    """With the cache off (0), every step replays the conversation from its log, as after a restart."""
+    return int(request.param)
+
+
+@pytest.fixture
+async def runner(store: Store, channel: ListChannel, clock: VirtualClock, cache_size: int) -> AsyncIterator[Runner]:
+    """A runner on the store under test, with the cache on and off."""
+    async with Runner(store, channel, clock=clock, cache_size=cache_size) as opened:
+        yield opened
 
 
 @pytest.fixture(params=["memory", "sqlite"])

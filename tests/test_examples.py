@@ -19,12 +19,6 @@ guessbot = load_module(str(GUESSBOT))
 ID = "player-1"
 
 
-@pytest.fixture(params=[1024, 0], ids=["cache", "no-cache"])
-def cache_size(request: pytest.FixtureRequest) -> int:
-    """With the cache off, every step replays the conversation from its log (what a restart does)."""
-    return int(request.param)
-
-
 async def secrets(store: Store) -> list[int]:
     """The numbers the bot drew, as its log recorded them."""
     return [event.result for event in await store.load(ID) if isinstance(event, Called)]  # type: ignore[misc]

@@ -5,7 +5,6 @@ On both embedded stores, with the cache on and off.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -28,17 +27,6 @@ from dynaprompt.testing import VirtualClock
 pytestmark = pytest.mark.anyio
 
 START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=[1024, 0], ids=["cache", "no-cache"])
-def cache_size(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
-
-
-@pytest.fixture
-async def runner(store: Store, channel: ListChannel, clock: VirtualClock, cache_size: int) -> AsyncIterator[Runner]:
-    async with Runner(store, channel, clock=clock, cache_size=cache_size) as opened:
-        yield opened
 
 
 @dialog

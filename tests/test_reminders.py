@@ -7,7 +7,6 @@ off (off: every step replays the conversation from its log, what a restart does)
 from __future__ import annotations
 
 import doctest
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -23,17 +22,6 @@ pytestmark = pytest.mark.anyio
 REMINDERS = Path(__file__).resolve().parent.parent / "examples" / "reminders.py"
 reminders = load_module(str(REMINDERS))
 ID = "ann"
-
-
-@pytest.fixture(params=[1024, 0], ids=["cache", "no-cache"])
-def cache_size(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
-
-
-@pytest.fixture
-async def runner(store: Store, channel: ListChannel, clock: VirtualClock, cache_size: int) -> AsyncIterator[Runner]:
-    async with Runner(store, channel, clock=clock, cache_size=cache_size) as opened:
-        yield opened
 
 
 async def say(runner: Runner, channel: ListChannel, text: str) -> list[str]:

@@ -7,7 +7,6 @@ sees: the channel's messages, the transcript and the status.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -38,17 +37,6 @@ from dynaprompt.testing import VirtualClock
 pytestmark = pytest.mark.anyio
 
 START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=[1024, 0], ids=["cache", "no-cache"])
-def cache_size(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
-
-
-@pytest.fixture
-async def runner(store: Store, channel: ListChannel, clock: VirtualClock, cache_size: int) -> AsyncIterator[Runner]:
-    async with Runner(store, channel, clock=clock, cache_size=cache_size) as opened:
-        yield opened
 
 
 async def texts(runner: Runner, conversation_id: str) -> list[tuple[str, str]]:
