@@ -305,7 +305,7 @@ class MongoStore:
             last = events[-1].seq
             operation["$max"] = {"last_seq": last}
             guard: Document = {"_id": conversation_id, "last_seq": {"$lte": last}}
-            owner = getattr(update, "release_owner", None)
+            owner = update.release_owner
             if owner is not None:  # drop the lease with this write if we hold it and nothing came after us
                 released = {**changes, "lease_owner": None, "lease_until": None}
                 attempts.append(({**guard, "lease_owner": owner}, {**operation, "$set": released}))
