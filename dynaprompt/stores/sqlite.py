@@ -5,6 +5,16 @@ few microseconds to a few hundred, less than handing it to a thread would
 cost. The unique primary key ``(conversation_id, seq)`` makes one writer win;
 an append and its row update commit in one transaction.
 
+Group commit: writes from tasks running at the same time share one
+transaction. A write is queued and its caller waits; the first writer of a
+batch yields once to the event loop (so every task ready to write joins),
+then runs ``BEGIN IMMEDIATE``, each queued write in its own ``SAVEPOINT`` (a
+duplicate key or a lease that matches nothing fails or misses that write
+alone), one ``COMMIT``, and wakes every caller. No write returns before the
+``COMMIT`` that holds it has returned, so what a caller was told is durable
+is durable. A write alone in its batch runs exactly as it would without
+batching (no savepoint; a lease update autocommits on its own).
+
 Durability: with ``synchronous=NORMAL`` (the default) a committed write
 survives the process being killed, and may be lost with the last commits on
 power loss; ``?synchronous=full`` in the URL makes every commit survive power
@@ -16,10 +26,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import anyio.lowlevel
 
 from dynaprompt.errors import ConflictError, StoreUnavailableError
 from dynaprompt.events import Event, event_to_json, events_from_json
@@ -114,6 +128,34 @@ def _update_statement(update: RowUpdate) -> tuple[str, list[object]]:
     return sql, params
 
 
+class _Write:
+    """One queued write: ``run`` executes its statements on the connection inside the batch's transaction."""
+
+    __slots__ = ("conflict", "error", "log", "result", "run", "single")
+
+    def __init__(
+        self,
+        run: Callable[[sqlite3.Connection], Any],
+        *,
+        log: bool = False,
+        single: bool = False,
+        conflict: Callable[[], Exception] | None = None,
+    ) -> None:
+        self.run = run
+        self.log = log  # writes to the event log commit through SQLiteStore._commit (the crash tests' hook)
+        self.single = single  # one statement: alone in its batch it autocommits, as it always did
+        self.conflict = conflict  # what a unique-key IntegrityError means to the caller
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Batch:
+    writes: list[_Write] = field(default_factory=list)
+    done: bool = False
+    event: anyio.Event | None = None  # created by the first write that has to wait for another's flush
+
+
 def _ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
@@ -145,31 +187,141 @@ class SQLiteStore:
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(url, str(exc)) from exc
+        self._batch: _Batch | None = None
+        self.commits = 0  # transactions committed by this object (benchmarks/bench_core.py reports them)
 
-    def _write(self, statements: list[Statement] | Callable[[], list[Statement]]) -> None:
-        """Run statements in one immediate transaction; a callable builds them inside it."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailableError:
+        error = StoreUnavailableError(self.url, str(exc))
+        error.__cause__ = exc
+        return error
+
+    def _fetchone(self, sql: str, params: tuple[object, ...] = ()) -> Any:
         try:
-            for sql, params in statements() if callable(statements) else statements:
-                db.execute(sql, params)
-            self._commit()
+            return self._db.execute(sql, params).fetchone()
+        except sqlite3.OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _fetchall(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _submit(self, write: _Write) -> Any:
+        """Queue ``write`` into the open batch (opening one if none) and return its result once committed."""
+        batch = self._batch
+        if batch is not None:  # another task leads this batch: wait for its COMMIT
+            batch.writes.append(write)
+            if batch.event is None:
+                batch.event = anyio.Event()
+            try:
+                await batch.event.wait()
+            except BaseException:
+                if not batch.done:  # cancelled before the flush: the write never runs
+                    batch.writes.remove(write)
+                raise
+        else:
+            batch = self._batch = _Batch([write])
+            try:
+                # One trip through the event loop lets every task that is ready to write join this batch.
+                await anyio.lowlevel.checkpoint()
+            except BaseException:
+                batch.writes.remove(write)  # cancelled: ours never runs, the others' still do
+                raise
+            finally:
+                if self._batch is batch:
+                    self._batch = None
+                if batch.writes:
+                    self._flush(batch)
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    def _flush(self, batch: _Batch) -> None:
+        """Run a batch in one transaction and settle every write in it (synchronous: nothing joins meanwhile)."""
+        db = self._db
+        writes = batch.writes
+        try:
+            if len(writes) == 1:
+                write = writes[0]
+                if write.single:
+                    self._run_one(write)
+                else:
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        if not self._run_one(write):
+                            db.execute("ROLLBACK")
+                        elif write.log:
+                            self._commit()
+                        else:
+                            db.execute("COMMIT")
+                    except BaseException:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        raise
+            else:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for write in writes:
+                        db.execute("SAVEPOINT w")
+                        if self._run_one(write):
+                            db.execute("RELEASE w")
+                        else:
+                            db.execute("ROLLBACK TO w")
+                            db.execute("RELEASE w")
+                    if any(write.log for write in writes):
+                        self._commit()
+                    else:
+                        db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            self.commits += 1
+        except sqlite3.Error as exc:  # the whole batch failed (locked, disk I/O, ...): nothing was committed
+            for write in writes:
+                write.result, write.error = None, self._unavailable(exc)
         except BaseException:
-            db.execute("ROLLBACK")
+            for write in writes:
+                if write.error is None:
+                    write.result, write.error = None, StoreUnavailableError(self.url, "the write was interrupted")
             raise
+        finally:
+            batch.done = True
+            if batch.event is not None:
+                batch.event.set()
+
+    def _run_one(self, write: _Write) -> bool:
+        """Run one write's statements; False (its error kept) if they failed on their own: a duplicate key, or
+        a bug in the write itself. A failure of the database (``OperationalError``...) propagates."""
+        try:
+            write.result = write.run(self._db)
+        except sqlite3.IntegrityError as exc:
+            if write.conflict is None:
+                raise
+            write.error = write.conflict()
+            write.error.__cause__ = exc
+            return False
+        except sqlite3.Error:
+            raise
+        except Exception as exc:
+            write.error = exc
+            return False
+        return True
 
     def _commit(self) -> None:
+        """COMMIT a batch holding event-log writes (tests/crash_worker.py wraps this to kill around it)."""
         self._db.execute("COMMIT")
 
     async def get(self, conversation_id: str) -> ConversationRow | None:
-        found = self._db.execute(f"SELECT {_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        found = self._fetchone(f"SELECT {_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))
         return None if found is None else self._row(found)
 
     async def load(self, conversation_id: str, after_seq: int = 0) -> list[Event]:
-        rows = self._db.execute(
+        rows = self._fetchall(
             "SELECT seq, body FROM events WHERE conversation_id = ? AND seq > ? ORDER BY seq",
             (conversation_id, after_seq),
-        ).fetchall()
+        )
         return events_from_json(conversation_id, rows)
 
     async def create(self, row: ConversationRow, events: list[Event]) -> None:
@@ -178,10 +330,14 @@ class SQLiteStore:
             (f"INSERT INTO conversations ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", self._params(row, last_seq))
         ]
         statements += self._event_inserts(row.id, events)
-        try:
-            self._write(statements)
-        except sqlite3.IntegrityError as exc:
-            raise ConflictError(row.id, events[0].seq if events else 1) from exc
+
+        def run(db: sqlite3.Connection) -> None:
+            for sql, params in statements:
+                db.execute(sql, params)
+
+        await self._submit(
+            _Write(run, log=True, conflict=lambda: ConflictError(row.id, events[0].seq if events else 1))
+        )
 
     async def append(
         self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
@@ -189,23 +345,19 @@ class SQLiteStore:
         # The row is changed in SQL (only the fields the update names) and returned by the same statement,
         # so the transaction never reads it first: one UPDATE, the inserts, one commit.
         sql, params = _update_statement(update)
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            found = db.execute(sql, (events[-1].seq if events else 0, _ts(now), *params, conversation_id)).fetchone()
+        update_params = (events[-1].seq if events else 0, _ts(now), *params, conversation_id)
+        inserts = [(conversation_id, e.seq, event_to_json(e)) for e in events]
+
+        def run(db: sqlite3.Connection) -> Any:
+            found = db.execute(sql, update_params).fetchone()
             assert found is not None, f"append to unknown conversation {conversation_id!r}"
-            if events:
-                db.executemany(
-                    "INSERT INTO events (conversation_id, seq, body) VALUES (?, ?, ?)",
-                    [(conversation_id, e.seq, event_to_json(e)) for e in events],
-                )
-            self._commit()
-        except sqlite3.IntegrityError as exc:
-            db.execute("ROLLBACK")
-            raise ConflictError(conversation_id, events[0].seq if events else 0) from exc
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            if inserts:
+                db.executemany("INSERT INTO events (conversation_id, seq, body) VALUES (?, ?, ?)", inserts)
+            return found
+
+        found = await self._submit(
+            _Write(run, log=True, conflict=lambda: ConflictError(conversation_id, events[0].seq if events else 0))
+        )
         return self._row(found)
 
     def _event_inserts(self, conversation_id: str, events: list[Event]) -> list[Statement]:
@@ -220,109 +372,133 @@ class SQLiteStore:
     async def acquire(
         self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
     ) -> ConversationRow | None:
-        found = self._db.execute(
-            f"UPDATE conversations SET lease_owner = ?, lease_until = ? WHERE id = ? AND (lease_owner IS NULL "
-            f"OR lease_owner = ? OR lease_owner = ? OR lease_until <= ?) RETURNING {_COLUMNS}",
-            (owner, _ts(until), conversation_id, owner, steal_from or owner, _ts(now)),
-        ).fetchone()
+        params = (owner, _ts(until), conversation_id, owner, steal_from or owner, _ts(now))
+        found = await self._submit(
+            _Write(
+                lambda db: db.execute(
+                    f"UPDATE conversations SET lease_owner = ?, lease_until = ? WHERE id = ? AND (lease_owner IS NULL "
+                    f"OR lease_owner = ? OR lease_owner = ? OR lease_until <= ?) RETURNING {_COLUMNS}",
+                    params,
+                ).fetchone(),
+                single=True,
+            )
+        )
         return None if found is None else self._row(found)
 
     async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
-        cursor = self._db.execute(
-            "UPDATE conversations SET lease_owner = NULL, lease_until = NULL "
-            "WHERE id = ? AND lease_owner = ? AND (? IS NULL OR last_seq = ?)",
-            (conversation_id, owner, last_seq, last_seq),
+        params = (conversation_id, owner, last_seq, last_seq)
+        changed: int = await self._submit(
+            _Write(
+                lambda db: (
+                    db.execute(
+                        "UPDATE conversations SET lease_owner = NULL, lease_until = NULL "
+                        "WHERE id = ? AND lease_owner = ? AND (? IS NULL OR last_seq = ?)",
+                        params,
+                    ).rowcount
+                ),
+                single=True,
+            )
         )
-        return cursor.rowcount == 1
+        return changed == 1
 
     async def due(self, now: datetime, limit: int) -> list[str]:
         stamp = _ts(now)
-        rows = self._db.execute(
+        rows = self._fetchall(
             "SELECT id FROM ("
             " SELECT id, wake_at AS at, lease_owner, lease_until FROM conversations WHERE wake_at <= ?"
             " UNION SELECT id, 0 AS at, lease_owner, lease_until FROM conversations"
             "  WHERE needs_advance = 1 OR lease_owner IS NOT NULL"
             ") WHERE lease_owner IS NULL OR lease_until <= ? GROUP BY id ORDER BY MIN(at) LIMIT ?",
             (stamp, stamp, limit),
-        ).fetchall()
+        )
         return [row[0] for row in rows]
 
     async def next_wake_at(self) -> datetime | None:
-        found = self._db.execute(
+        found = self._fetchone(
             "SELECT MIN(at) FROM (SELECT MIN(wake_at) AS at FROM conversations WHERE wake_at IS NOT NULL"
             " UNION ALL SELECT MIN(next_at) AS at FROM schedules WHERE next_at IS NOT NULL)"
-        ).fetchone()
+        )
         return _dt(found[0]) if found else None
 
     # Schedules: the row is stored whole as JSON (validated on read); the columns
     # beside it are what the due query and the lease compare-and-set need.
 
     async def put_schedule(self, schedule: ScheduleRow) -> None:
-        try:
-            self._write(
-                [
-                    (
-                        "INSERT INTO schedules (id, next_at, lease_owner, lease_until, body) VALUES (?, ?, ?, ?, ?)",
-                        (schedule.id, _ts(schedule.next_at), None, None, schedule.model_dump_json()),
-                    )
-                ]
+        params = (schedule.id, _ts(schedule.next_at), None, None, schedule.model_dump_json())
+        await self._submit(
+            _Write(
+                lambda db: db.execute(
+                    "INSERT INTO schedules (id, next_at, lease_owner, lease_until, body) VALUES (?, ?, ?, ?, ?)", params
+                ),
+                conflict=lambda: ConflictError(schedule.id, 0),
             )
-        except sqlite3.IntegrityError as exc:
-            raise ConflictError(schedule.id, 0) from exc
+        )
 
     async def get_schedule(self, schedule_id: str) -> ScheduleRow | None:
-        found = self._db.execute(
-            "SELECT body, lease_owner, lease_until FROM schedules WHERE id = ?", (schedule_id,)
-        ).fetchone()
+        found = self._fetchone("SELECT body, lease_owner, lease_until FROM schedules WHERE id = ?", (schedule_id,))
         return None if found is None else self._schedule(found)
 
     async def list_schedules(self) -> list[ScheduleRow]:
-        rows = self._db.execute(
+        rows = self._fetchall(
             "SELECT body, lease_owner, lease_until FROM schedules ORDER BY next_at IS NULL, next_at, id"
-        ).fetchall()
+        )
         return [self._schedule(found) for found in rows]
 
     async def delete_schedule(self, schedule_id: str) -> bool:
-        return self._db.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,)).rowcount == 1
+        deleted: int = await self._submit(
+            _Write(lambda db: db.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,)).rowcount, single=True)
+        )
+        return deleted == 1
 
     async def due_schedules(self, now: datetime, limit: int) -> list[ScheduleRow]:
         stamp = _ts(now)
-        rows = self._db.execute(
+        rows = self._fetchall(
             "SELECT body, lease_owner, lease_until FROM schedules WHERE next_at <= ? "
             "AND (lease_owner IS NULL OR lease_until <= ?) ORDER BY next_at, id LIMIT ?",
             (stamp, stamp, limit),
-        ).fetchall()
+        )
         return [self._schedule(found) for found in rows]
 
     async def claim_schedule(self, schedule_id: str, owner: str, until: datetime, now: datetime) -> ScheduleRow | None:
-        found = self._db.execute(
-            "UPDATE schedules SET lease_owner = ?, lease_until = ? WHERE id = ? "
-            "AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?) RETURNING body, lease_owner, lease_until",
-            (owner, _ts(until), schedule_id, owner, _ts(now)),
-        ).fetchone()
+        params = (owner, _ts(until), schedule_id, owner, _ts(now))
+        found = await self._submit(
+            _Write(
+                lambda db: db.execute(
+                    "UPDATE schedules SET lease_owner = ?, lease_until = ? WHERE id = ? AND (lease_owner IS NULL "
+                    "OR lease_owner = ? OR lease_until <= ?) RETURNING body, lease_owner, lease_until",
+                    params,
+                ).fetchone(),
+                single=True,
+            )
+        )
         return None if found is None else self._schedule(found)
 
     async def finish_schedule(
         self, schedule_id: str, owner: str, next_at: datetime | None, fired: int, last_fired_at: datetime | None
     ) -> bool:
-        found = self._db.execute(
-            "SELECT body, lease_owner, lease_until FROM schedules WHERE id = ? AND lease_owner = ?",
-            (schedule_id, owner),
-        ).fetchone()
-        if found is None:
-            return False
-        row = self._schedule(found).model_copy(
-            update={
-                "next_at": next_at, "fired": fired, "last_fired_at": last_fired_at,
-                "lease_owner": None, "lease_until": None,
-            }
-        )  # fmt: skip
-        cursor = self._db.execute(
-            "UPDATE schedules SET next_at = ?, lease_owner = NULL, lease_until = NULL, body = ? "
-            "WHERE id = ? AND lease_owner = ?",
-            (_ts(next_at), row.model_dump_json(), schedule_id, owner),
-        )
-        return cursor.rowcount == 1
+        def run(db: sqlite3.Connection) -> bool:
+            # Read and rewrite in one transaction: the body is rewritten whole, so no other write may slip between.
+            found = db.execute(
+                "SELECT body, lease_owner, lease_until FROM schedules WHERE id = ? AND lease_owner = ?",
+                (schedule_id, owner),
+            ).fetchone()
+            if found is None:
+                return False
+            row = self._schedule(found).model_copy(
+                update={
+                    "next_at": next_at, "fired": fired, "last_fired_at": last_fired_at,
+                    "lease_owner": None, "lease_until": None,
+                }
+            )  # fmt: skip
+            cursor = db.execute(
+                "UPDATE schedules SET next_at = ?, lease_owner = NULL, lease_until = NULL, body = ? "
+                "WHERE id = ? AND lease_owner = ?",
+                (_ts(next_at), row.model_dump_json(), schedule_id, owner),
+            )
+            return cursor.rowcount == 1
+
+        finished: bool = await self._submit(_Write(run))
+        return finished
 
     @staticmethod
     def _schedule(found: Any) -> ScheduleRow:
@@ -332,11 +508,9 @@ class SQLiteStore:
 
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:
         if state is None:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM conversations ORDER BY id").fetchall()
+            rows = self._fetchall(f"SELECT {_COLUMNS} FROM conversations ORDER BY id")
         else:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM conversations WHERE state = ? ORDER BY id", (state,)
-            ).fetchall()
+            rows = self._fetchall(f"SELECT {_COLUMNS} FROM conversations WHERE state = ? ORDER BY id", (state,))
         return [self._row(found) for found in rows]
 
     async def close(self) -> None:

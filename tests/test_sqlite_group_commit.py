@@ -1,0 +1,127 @@
+"""SQLite group commit: writes from concurrent tasks share one COMMIT, each still succeeds or fails on its own.
+
+The concurrent-writers races of the conformance suite (one winner among eight) run inside one batch too;
+these tests add what only SQLite promises: how many transactions ran, that a batch is durable as a whole
+(another connection sees it), and that a broken database surfaces as ``StoreUnavailableError``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dynaprompt import Runner, dialog, open_store, send, wait_for_reply
+from dynaprompt.errors import ConflictError, DynapromptError, StoreUnavailableError
+from dynaprompt.events import Sent, Started
+from dynaprompt.stores.base import ConversationRow, RowUpdate
+from dynaprompt.stores.sqlite import SQLiteStore
+from dynaprompt.testing import ListChannel, VirtualClock
+
+pytestmark = pytest.mark.anyio
+
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+def _row(conversation_id: str) -> ConversationRow:
+    return ConversationRow(id=conversation_id, dialog="m:bot", updated_at=T0, last_seq=1)
+
+
+async def _sqlite(tmp_path: Path) -> SQLiteStore:
+    store = await open_store(f"sqlite:///{tmp_path}/bot.db")
+    assert isinstance(store, SQLiteStore)
+    return store
+
+
+@dialog(name="group-commit:echo")
+def echo() -> Any:
+    yield send("Say something.")
+    while True:
+        reply = yield wait_for_reply()
+        yield send(f"You said {reply.text}.")
+
+
+async def test_concurrent_deliveries_share_commits_and_every_reply_is_in_the_file(
+    tmp_path: Path, clock: VirtualClock, channel: ListChannel
+) -> None:
+    store = await _sqlite(tmp_path)
+    ids = [f"user-{i}" for i in range(20)]
+    async with Runner(store, channel, clock=clock) as runner:
+        for cid in ids:
+            await runner.start(echo, cid)
+        before = store.commits
+        async with anyio.create_task_group() as group:
+            for cid in ids:
+                group.start_soon(runner.deliver, cid, f"hello from {cid}")
+        transactions = store.commits - before
+    await store.close()
+    # 20 deliveries are 60 writes (lease claim, reply + send + wait, delivered marks + release): far fewer COMMITs.
+    assert 1 <= transactions <= 6, transactions
+    seen = sqlite3.connect(f"{tmp_path}/bot.db")
+    replies = dict(seen.execute("SELECT conversation_id, body FROM events WHERE body LIKE '%\"reply\"%'").fetchall())
+    seen.close()
+    assert sorted(replies) == sorted(ids)
+    assert all(f"hello from {cid}" in body for cid, body in replies.items())
+    assert sorted(m.text for m in channel.messages if m.text.startswith("You said")) == sorted(
+        f"You said hello from {cid}." for cid in ids
+    )
+
+
+async def test_a_duplicate_append_in_a_batch_fails_alone(tmp_path: Path) -> None:
+    store = await _sqlite(tmp_path)
+    for cid in ("a", "b"):
+        await store.create(_row(cid), [Started(seq=1, at=T0, dialog="m:bot")])
+    outcomes: dict[str, str] = {}
+
+    async def append(label: str, cid: str) -> None:
+        try:
+            await store.append(cid, [Sent(seq=2, at=T0, text=label)], RowUpdate(error=label), T0)
+        except ConflictError as exc:
+            outcomes[label] = f"conflict at {exc.seq}"
+        else:
+            outcomes[label] = "written"
+
+    before = store.commits
+    async with anyio.create_task_group() as group:
+        group.start_soon(append, "first to a", "a")
+        group.start_soon(append, "second to a", "a")
+        group.start_soon(append, "only to b", "b")
+    assert store.commits - before == 1  # one transaction for the three
+    assert outcomes == {"first to a": "written", "second to a": "conflict at 2", "only to b": "written"}
+    row_a = await store.get("a")
+    assert row_a is not None
+    assert row_a.error == "first to a"  # the loser's row update was rolled back with its insert
+    assert [getattr(e, "text", None) for e in await store.load("b")] == [None, "only to b"]
+    await store.close()
+
+
+async def test_a_lone_write_commits_on_its_own(tmp_path: Path) -> None:
+    store = await _sqlite(tmp_path)
+    before = store.commits
+    await store.create(_row("solo"), [Started(seq=1, at=T0, dialog="m:bot")])
+    assert await store.acquire("solo", "me", T0.replace(hour=10), T0) is not None
+    assert await store.release("solo", "me", None)
+    assert store.commits - before == 3
+    await store.close()
+
+
+async def test_a_broken_database_raises_store_unavailable_and_commits_nothing(tmp_path: Path) -> None:
+    store = await _sqlite(tmp_path)
+    await store.create(_row("c"), [Started(seq=1, at=T0, dialog="m:bot")])
+    other = sqlite3.connect(f"{tmp_path}/bot.db", isolation_level=None)
+    other.execute("DROP TABLE events")
+    other.close()
+    with pytest.raises(StoreUnavailableError, match="no such table: events") as raised:
+        await store.append("c", [Sent(seq=2, at=T0, text="lost")], RowUpdate(error="changed"), T0)
+    assert isinstance(raised.value, DynapromptError)
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    row = await store.get("c")
+    assert row is not None
+    assert (row.last_seq, row.error) == (1, None)  # the row update rolled back with the failed insert
+    with pytest.raises(StoreUnavailableError, match="no such table: events"):
+        await store.load("c")
+    await store.close()
