@@ -254,6 +254,7 @@ class Runner:
         json_metadata = to_json(metadata or {}, "message metadata")
         assert isinstance(json_metadata, dict)
         async with self._lock(conversation_id):
+            recorded: ReplyReceived | None = None  # our reply, once it is known to be in the log
             for _ in range(_MAX_ATTEMPTS):
                 now = self.clock.now()
                 # The lease is usually free: claim it at once and read the row only when that fails.
@@ -263,12 +264,21 @@ class Runner:
                     if row is None:
                         raise UnknownConversationError(conversation_id)
                     if row.state in _ENDED and not row.parked:
+                        if recorded is not None:  # consumed meanwhile, and the run ended
+                            return await self.status(conversation_id)
                         raise ConversationEndedError(conversation_id, row.state)
                     leased = await self._acquire(conversation_id, row, now)
                 if leased is None:
+                    if recorded is not None:  # already in the log: flag it for the runner holding the lease
+                        await self.store.append(conversation_id, [], RowUpdate(needs_advance=True), self.clock.now())
+                        self._changed.set()
+                        return await self.status(conversation_id)
                     if await self._append_unleased(conversation_id, text, json_metadata):
                         return await self.status(conversation_id)
                     continue
+                if recorded is not None and leased.state in _ENDED:  # consumed meanwhile, and the run ended
+                    await self.store.release(conversation_id, self.owner, None)
+                    return await self.status(conversation_id)
                 if leased.state in _ENDED and not leased.parked:
                     await self.store.release(conversation_id, self.owner, None)
                     raise ConversationEndedError(conversation_id, leased.state)
@@ -279,11 +289,19 @@ class Runner:
                     raise
                 if execution.ended and not leased.parked:
                     await self._release(conversation_id, execution)
+                    if recorded is not None:
+                        return await self.status(conversation_id)
                     raise ConversationEndedError(conversation_id, execution.state)
-                execution.input_reply(text, json_metadata, now)
+                if recorded is None:
+                    reply = execution.input_reply(text, json_metadata, now)
                 try:
                     return await self._advance_and_release(conversation_id, execution, leased)
                 except ConflictError:
+                    # The advance may have appended our reply before it lost the race (it flushes before a
+                    # call): then the retry must advance the log as it is, never record the reply again.
+                    if recorded is None:
+                        stored = await self.store.load(conversation_id, reply.seq - 1)
+                        recorded = reply if stored and stored[0] == reply else None
                     continue
             raise DynapromptError(f"conversation {conversation_id!r}: gave up after {_MAX_ATTEMPTS} conflicting writes")
 
