@@ -13,7 +13,9 @@ duplicate key or a lease that matches nothing fails or misses that write
 alone), one ``COMMIT``, and wakes every caller. No write returns before the
 ``COMMIT`` that holds it has returned, so what a caller was told is durable
 is durable. A write alone in its batch runs exactly as it would without
-batching (no savepoint; a lease update autocommits on its own).
+batching (no savepoint; a lease update autocommits on its own), and on
+asyncio it skips the trip through the loop too when no other task is ready to
+run (nobody could join it), so a lone writer pays nothing for the batching.
 
 Durability: with ``synchronous=NORMAL`` (the default) a committed write
 survives the process being killed, and may be lost with the last commits on
@@ -23,6 +25,7 @@ loss too, at the disk's fsync rate.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
@@ -156,6 +159,16 @@ class _Batch:
     event: anyio.Event | None = None  # created by the first write that has to wait for another's flush
 
 
+def _nothing_else_ready() -> bool:
+    """True when no other callback is ready on the running asyncio loop, so no task could join a batch before
+    this one flushes it. Reads CPython's ``_ready`` queue; on another loop or backend, False (always batch)."""
+    try:
+        ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    except RuntimeError:  # trio
+        return False
+    return ready is not None and not ready
+
+
 def _ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
@@ -217,9 +230,13 @@ class SQLiteStore:
             try:
                 await batch.event.wait()
             except BaseException:
-                if not batch.done:  # cancelled before the flush: the write never runs
+                # Cancelled before the flush, the write never runs; after it (the leader may flush before this
+                # task sees its cancellation), it is committed, like any write whose caller stopped waiting.
+                if not batch.done:
                     batch.writes.remove(write)
                 raise
+        elif _nothing_else_ready():  # nobody could join: no trip through the loop, as if there were no batching
+            self._flush_alone(write)
         else:
             batch = self._batch = _Batch([write])
             try:
@@ -239,27 +256,13 @@ class SQLiteStore:
 
     def _flush(self, batch: _Batch) -> None:
         """Run a batch in one transaction and settle every write in it (synchronous: nothing joins meanwhile)."""
-        db = self._db
         writes = batch.writes
         try:
             if len(writes) == 1:
-                write = writes[0]
-                if write.single:
-                    self._run_one(write)
-                else:
-                    db.execute("BEGIN IMMEDIATE")
-                    try:
-                        if not self._run_one(write):
-                            db.execute("ROLLBACK")
-                        elif write.log:
-                            self._commit()
-                        else:
-                            db.execute("COMMIT")
-                    except BaseException:
-                        if db.in_transaction:
-                            db.execute("ROLLBACK")
-                        raise
-            else:
+                self._flush_alone(writes[0])
+                return
+            db = self._db
+            try:
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     for write in writes:
@@ -277,19 +280,44 @@ class SQLiteStore:
                     if db.in_transaction:
                         db.execute("ROLLBACK")
                     raise
-            self.commits += 1
-        except sqlite3.Error as exc:  # the whole batch failed (locked, disk I/O, ...): nothing was committed
-            for write in writes:
-                write.result, write.error = None, self._unavailable(exc)
-        except BaseException:
-            for write in writes:
-                if write.error is None:
-                    write.result, write.error = None, StoreUnavailableError(self.url, "the write was interrupted")
-            raise
+                self.commits += 1
+            except sqlite3.Error as exc:  # the whole batch failed (locked, disk I/O, ...): nothing was committed
+                for write in writes:
+                    write.result, write.error = None, self._unavailable(exc)
+            except BaseException:
+                for write in writes:
+                    if write.error is None:
+                        write.result, write.error = None, StoreUnavailableError(self.url, "the write was interrupted")
+                raise
         finally:
             batch.done = True
             if batch.event is not None:
                 batch.event.set()
+
+    def _flush_alone(self, write: _Write) -> None:
+        """Run one write in its own transaction: the statements it always ran, no savepoint."""
+        db = self._db
+        try:
+            if write.single:  # one statement autocommits
+                if self._run_one(write):
+                    self.commits += 1
+                return
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if not self._run_one(write):
+                    db.execute("ROLLBACK")
+                    return
+                if write.log:
+                    self._commit()
+                else:
+                    db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            self.commits += 1
+        except sqlite3.Error as exc:
+            write.result, write.error = None, self._unavailable(exc)
 
     def _run_one(self, write: _Write) -> bool:
         """Run one write's statements; False (its error kept) if they failed on their own: a duplicate key, or
