@@ -8,6 +8,12 @@ A *turn* is one ``runner.deliver()``: the reply is recorded durably, the bot ack
 ("Got ...") and asks its next question (both sends recorded, then handed to the channel and marked
 delivered), and it waits again, durably. The dialog behind every figure is ``chat`` below.
 
+Throughput is measured twice: *sequential* (one ``deliver()`` at a time, K rounds over the N
+conversations) and *concurrent* (``--concurrency`` tasks, all N by default, each taking a conversation
+and doing its K turns, as a server handling many users does), where ``SQLiteStore`` lets writes that
+are ready at the same time share one transaction (group commit). "Transactions per turn" counts the
+COMMITs actually run (``SQLiteStore.commits``); "commits per turn" counts the durable write calls.
+
 This file reads the wall clock (``time.perf_counter``) on purpose: it measures the library; the
 library itself still takes all of its time from its runner's clock.
 """
@@ -59,9 +65,9 @@ class CountingChannel:
 
 
 class CountingStore:
-    """Wraps a store and counts its write calls. Each one is exactly one transaction (one commit) in
-    ``SQLiteStore``: ``create`` and ``append`` run in ``BEGIN IMMEDIATE ... COMMIT``, ``acquire`` and
-    ``release`` are single autocommitted ``UPDATE`` statements."""
+    """Wraps a store and counts its write calls. Run one at a time, each is exactly one transaction (one
+    commit) in ``SQLiteStore``: ``create`` and ``append`` run in ``BEGIN IMMEDIATE ... COMMIT``, ``acquire``
+    and ``release`` are single autocommitted ``UPDATE`` statements; run concurrently, several share one."""
 
     WRITES = ("create", "append", "acquire", "release")
 
@@ -94,6 +100,28 @@ async def run_turns(runner: Runner, ids: list[str], k: int) -> tuple[float, floa
         for cid in ids:
             await runner.deliver(cid, text)
     return time.perf_counter() - began, time.process_time() - cpu
+
+
+async def run_turns_concurrently(runner: Runner, ids: list[str], k: int, concurrency: int) -> tuple[float, float]:
+    """``concurrency`` tasks, each taking the next conversation and delivering its K replies one after the
+    other; (wall seconds, CPU seconds) until every conversation has had its K turns."""
+    pending = iter(ids)
+
+    async def worker() -> None:
+        for cid in pending:  # shared iterator: each conversation goes to exactly one task
+            for turn in range(k):
+                await runner.deliver(cid, f"answer {turn}")
+
+    began, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(ids)) or len(ids))))
+    return time.perf_counter() - began, time.process_time() - cpu
+
+
+def transactions(store: Any) -> int | None:
+    """COMMITs run so far by a ``SQLiteStore`` (``None`` for a store that does not count them)."""
+    inner = getattr(store, "_inner", store)
+    count = getattr(inner, "commits", None)
+    return count if isinstance(count, int) else None
 
 
 async def start_all(runner: Runner, ids: list[str]) -> float:
@@ -136,10 +164,12 @@ class Leg:
         self.results["rss_after_import_mb"] = current_rss_mb()
         if self.kind == "sqlite-full":
             await self.throughput(self.url("full"), args.full_n, args.k)
+            await self.concurrent_throughput(self.url("full"), args.full_n, args.k, args.concurrency)
             return self.results
         url = self.url()
         await self.throughput(url, args.n, args.k)
         self.results["peak_rss_mb"] = rss_mb()
+        await self.concurrent_throughput(self.url(), args.n, args.k, args.concurrency)
         await self.traced_pass(args.n, args.k)
         if self.kind == "sqlite":
             await self.restart(url, args.n, args.k, min(args.live, args.n))
@@ -152,7 +182,10 @@ class Leg:
         ids = conversation_ids(n)
         async with Runner(store, CountingChannel()) as runner:
             started = await start_all(runner, ids)
+            committed = transactions(store)
             took, cpu = await run_turns(runner, ids, k)
+            after = transactions(store)
+        self.results["transactions_per_turn"] = None if after is None else (after - (committed or 0)) / (n * k)
         self.results["starts_per_s"] = n / started
         self.results["turns_per_s"] = n * k / took
         self.results["turns_per_cpu_s"] = n * k / cpu
@@ -160,6 +193,25 @@ class Leg:
         self._kept = store  # the sqlite leg restarts on this file; memory:// keeps nothing to restart from
         if self.kind != "sqlite":
             await store.close()
+
+    async def concurrent_throughput(self, url: str, n: int, k: int, concurrency: int) -> None:
+        """The same turns on a fresh store, driven by ``concurrency`` tasks at once (0: one per conversation).
+        The store is wrapped to count write calls (one coroutine frame per write, under 1% of a turn)."""
+        store = CountingStore(await open_store(url))
+        ids = conversation_ids(n)
+        async with Runner(store, CountingChannel()) as runner:  # type: ignore[arg-type]
+            await start_all(runner, ids)
+            before, committed = dict(store.writes), transactions(store)
+            took, cpu = await run_turns_concurrently(runner, ids, k, concurrency)
+            after = transactions(store)
+        await store.close()
+        self.results["concurrency"] = min(concurrency, n) or n
+        self.results["turns_per_s_concurrent"] = n * k / took
+        self.results["turns_per_cpu_s_concurrent"] = n * k / cpu
+        self.results["commits_per_turn_concurrent"] = sum(store.writes[w] - before[w] for w in store.writes) / (n * k)
+        self.results["transactions_per_turn_concurrent"] = (
+            None if after is None else (after - (committed or 0)) / (n * k)
+        )
 
     async def traced_pass(self, n: int, k: int) -> None:
         """The same workload again, on a fresh store, wrapped to count commits and traced for the Python heap's
@@ -315,15 +367,32 @@ def report(args: argparse.Namespace, legs: dict[str, dict[str, Any]]) -> str:
     row("  conversations started per second", fmt(memory["starts_per_s"], ",.0f"), fmt(lite["starts_per_s"], ",.0f"))
     row(f"turns per second, synchronous=FULL ({args.full_n} x {k})", "", fmt(full["turns_per_s"], ",.0f"), "",
         "kill: yes, power loss: yes")  # fmt: skip
+    row(f"turns per second, concurrent ({lite['concurrency']:,} tasks)", fmt(memory["turns_per_s_concurrent"], ",.0f"),
+        fmt(lite["turns_per_s_concurrent"], ",.0f"), ">= 5,000", "kill: yes, power loss: no")  # fmt: skip
+    row("turns per CPU-second, concurrent", fmt(memory["turns_per_cpu_s_concurrent"], ",.0f"),
+        fmt(lite["turns_per_cpu_s_concurrent"], ",.0f"))  # fmt: skip
+    row(f"turns per second, synchronous=FULL, concurrent ({full['concurrency']:,} tasks)", "",
+        fmt(full["turns_per_s_concurrent"], ",.0f"), "", "kill: yes, power loss: yes")  # fmt: skip
     row("raw sqlite3 commits per second (NORMAL)", "", fmt(raw["normal"], ",.0f"), "", "kill: yes, power loss: no")
     row("raw sqlite3 commits per second (FULL)", "", fmt(raw["full"], ",.0f"), "", "kill: yes, power loss: yes")
     row("raw sqlite3 commits per CPU-second (NORMAL)", "", fmt(raw["normal_cpu"], ",.0f"))
     row("turns/s / raw commits/s (NORMAL)", "", fmt(lite["turns_per_s"] / raw["normal"], ".3f"))
     row("  the same, in CPU-seconds", "", fmt(lite["turns_per_cpu_s"] / raw["normal_cpu"], ".3f"))
     row("turns/s / raw commits/s (FULL)", "", fmt(full["turns_per_s"] / raw["full"], ".3f"))
-    row("commits per turn", fmt(memory["commits_per_turn"], ".2f"), fmt(lite["commits_per_turn"], ".2f"))
+    row("turns/s / raw commits/s (NORMAL), concurrent", "", fmt(lite["turns_per_s_concurrent"] / raw["normal"], ".3f"))
+    row("turns/s / raw commits/s (FULL), concurrent", "", fmt(full["turns_per_s_concurrent"] / raw["full"], ".3f"))
+    row(
+        "commits per turn (durable writes)",
+        fmt(memory["commits_per_turn"], ".2f"),
+        fmt(lite["commits_per_turn"], ".2f"),
+    )
     for name in CountingStore.WRITES:
         row(f"  {name}", fmt(memory["writes_per_turn"][name], ".2f"), fmt(lite["writes_per_turn"][name], ".2f"))
+    row("  the same, concurrent", fmt(memory["commits_per_turn_concurrent"], ".2f"),
+        fmt(lite["commits_per_turn_concurrent"], ".2f"))  # fmt: skip
+    row("transactions per turn (COMMITs), sequential", "n/a", fmt(lite["transactions_per_turn"], ".3f"))
+    row("transactions per turn (COMMITs), concurrent", "n/a", fmt(lite["transactions_per_turn_concurrent"], ".3f"))
+    row("  the same, synchronous=FULL, concurrent", "n/a", fmt(full["transactions_per_turn_concurrent"], ".3f"))
     row(f"live again after restart ({lite['restart_live']} conversations, s)", "n/a",
         fmt(lite["restart_s"], ".3f"), "<= 0.2", "(reads)")  # fmt: skip
     for size, seconds in lite["cold_resume_s"].items():
@@ -360,6 +429,8 @@ def report(args: argparse.Namespace, legs: dict[str, dict[str, Any]]) -> str:
     lines += [
         "",
         "A turn = deliver(): reply recorded, two sends recorded, handed off and marked delivered, wait recorded.",
+        "Sequential: one deliver() at a time. Concurrent: that many tasks, each doing its conversations' K turns;",
+        "SQLite writes ready at the same time share one COMMIT (group commit), each durable before it returns.",
         "Durability: sqlite NORMAL (WAL) survives a process kill, may lose the last commits on power loss;",
         "FULL also survives power loss. memory:// survives neither. Restart and cold resume are reads plus one turn.",
         "* memory:// keeps its log in the Python heap, so its idle figures include the store itself.",
@@ -373,6 +444,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="conversations (default 1000)")
     parser.add_argument("--k", type=int, default=10, help="turns per conversation (default 10)")
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="tasks delivering at once in the concurrent run (0: N)"
+    )
     parser.add_argument("--full-n", type=int, default=100, help="conversations for the synchronous=FULL line (100)")
     parser.add_argument("--live", type=int, default=100, help="conversations that must be live after restart (100)")
     parser.add_argument("--idle", type=int, default=10_000, help="idle conversations for the memory figure (10000)")
