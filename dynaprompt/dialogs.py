@@ -6,7 +6,19 @@ import inspect
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, overload
 
-from dynaprompt.effects import Effect, Finish, SubDialog
+from dynaprompt.effects import (
+    Call,
+    Cancel,
+    Effect,
+    Finish,
+    Now,
+    Send,
+    SetTimezone,
+    Sleep,
+    SleepUntil,
+    SubDialog,
+    WaitForReply,
+)
 from dynaprompt.errors import DynapromptError, UnknownDialogError
 
 __all__ = ["Dialog", "Done", "Frame", "dialog", "lookup", "registered"]
@@ -14,6 +26,7 @@ __all__ = ["Dialog", "Done", "Frame", "dialog", "lookup", "registered"]
 DialogFunction = Callable[..., AsyncGenerator[Any, Any] | Generator[Any, Any, Any]]
 
 _registry: dict[str, Dialog] = {}
+_PLAIN_EFFECTS = frozenset({Send, WaitForReply, SleepUntil, Sleep, Now, Call, SubDialog, Cancel, SetTimezone})
 
 
 class Dialog:
@@ -103,48 +116,65 @@ class Done(Exception):
 
 
 class Frame:
-    """One running generator, async or plain, behind one interface."""
+    """One running generator, async or plain, behind one interface.
+
+    A plain generator is also stepped synchronously (``step``), so replaying a long log of one costs no
+    coroutine per effect; an async one only through ``send``/``throw``.
+    """
+
+    __slots__ = ("_agenerator", "_generator", "dialog", "is_async")
 
     def __init__(self, owner: Dialog, generator: AsyncGenerator[Any, Any] | Generator[Any, Any, Any]) -> None:
         self.dialog = owner
-        self._generator = generator
-        self._is_async = inspect.isasyncgen(generator)
+        self.is_async = inspect.isasyncgen(generator)
+        self._agenerator: AsyncGenerator[Any, Any] | None = generator if self.is_async else None  # type: ignore[assignment]
+        self._generator: Generator[Any, Any, Any] | None = None if self.is_async else generator  # type: ignore[assignment]
 
     async def send(self, value: Any) -> Effect:
-        return self._check(await self._step(value, None))
+        if self._generator is not None:
+            return self.step(value, None)
+        return self._check(await self._astep(value, None))
 
     async def throw(self, exc: BaseException) -> Effect:
-        return self._check(await self._step(None, exc))
+        if self._generator is not None:
+            return self.step(None, exc)
+        return self._check(await self._astep(None, exc))
 
-    async def _step(self, value: Any, exc: BaseException | None) -> Any:
+    def step(self, value: Any, exc: BaseException | None) -> Effect:
+        """Send ``value`` (or throw ``exc``) into a plain generator; the effect it yields, or ``Done``."""
         generator = self._generator
+        assert generator is not None, "step() needs a plain generator"
         try:
-            if self._is_async:
-                assert isinstance(generator, AsyncGenerator)
-                return await (generator.athrow(exc) if exc is not None else generator.asend(value))
-            assert isinstance(generator, Generator)
-            return generator.throw(exc) if exc is not None else generator.send(value)
-        except StopAsyncIteration:
-            raise Done(None) from None
+            yielded = generator.throw(exc) if exc is not None else generator.send(value)
         except StopIteration as stop:
             raise Done(stop.value) from None
+        return self._check(yielded)
+
+    async def _astep(self, value: Any, exc: BaseException | None) -> Any:
+        generator = self._agenerator
+        assert generator is not None
+        try:
+            return await (generator.athrow(exc) if exc is not None else generator.asend(value))
+        except StopAsyncIteration:
+            raise Done(None) from None
 
     def _check(self, yielded: Any) -> Effect:
-        if isinstance(yielded, Finish):
-            raise Done(yielded.value)
-        if not isinstance(yielded, Effect):
-            raise DynapromptError(
-                f"dialog {self.dialog.name!r} yielded {yielded!r}; a dialog may only yield effects "
-                "(send, wait_for_reply, sleep_until, sleep, now, call, finish, cancel, or a sub-dialog)"
-            )
-        return yielded
+        if type(yielded) in _PLAIN_EFFECTS:  # the usual case, without isinstance() through ABCMeta
+            return yielded  # type: ignore[no-any-return]
+        if isinstance(yielded, Effect):
+            if isinstance(yielded, Finish):
+                raise Done(yielded.value)
+            return yielded
+        raise DynapromptError(
+            f"dialog {self.dialog.name!r} yielded {yielded!r}; a dialog may only yield effects "
+            "(send, wait_for_reply, sleep_until, sleep, now, call, finish, cancel, or a sub-dialog)"
+        )
 
     async def close(self) -> None:
-        generator = self._generator
         try:
-            if isinstance(generator, AsyncGenerator):
-                await generator.aclose()
-            else:
-                generator.close()
+            if self._agenerator is not None:
+                await self._agenerator.aclose()
+            elif self._generator is not None:
+                self._generator.close()
         except Exception:
             pass

@@ -20,16 +20,16 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
+from pydantic_core import TzInfo
 
 from dynaprompt.dialogs import Dialog, Done, Frame
 from dynaprompt.effects import (
     Call,
     Cancel,
     Effect,
-    Now,
     Send,
     SetTimezone,
     Sleep,
@@ -66,6 +66,7 @@ from dynaprompt.events import (
     TimerFired,
     TzSet,
     Waiting,
+    build,
 )
 from dynaprompt.models import Reply, State
 from dynaprompt.timeparse import parse_duration, parse_instant, zone
@@ -79,6 +80,7 @@ _REPLAYED_ERRORS: dict[str, type[DynapromptError]] = {
     "UnknownTimeZoneError": UnknownTimeZoneError,
     "NotJSONError": NotJSONError,
 }
+_ENDED = ("completed", "failed")
 _TIME_FIELDS = {"send": "at", "wait_for_reply": "timeout", "sleep": "duration", "sleep_until": "when"}
 
 
@@ -108,13 +110,6 @@ class Advance:
 
 
 @dataclass
-class _Pending:
-    """The effect the top frame is blocked on, with its recorded event."""
-
-    event: Waiting | Sleeping
-
-
-@dataclass
 class Execution:
     """One run of a conversation, resumable from its log. Not thread-safe; one owner at a time."""
 
@@ -131,7 +126,7 @@ class Execution:
     state: State = "running"
     result: JsonValue = None
     error: ErrorInfo | None = None
-    _pending: _Pending | None = None
+    _pending: Waiting | Sleeping | None = None  # the recorded wait or sleep the top frame is blocked on
     _awaiting_call: Call | None = None
     _feed: tuple[Any, BaseException | None] | None = None
     _begun: bool = False
@@ -154,19 +149,31 @@ class Execution:
 
     def extend(self, events: list[Event]) -> None:
         """Add events that follow the log read so far (recorded ones, or new inputs)."""
-        for event in events:
-            if event.seq <= self.last_seq:
-                continue
-            if event.seq != self.last_seq + 1:
-                raise CorruptEventError(self.conversation_id, event.seq, f"expected seq {self.last_seq + 1}")
-            self.log.append(event)
-            self.last_seq = event.seq
-            if event.kind not in INPUT_KINDS:
-                self.effect_events += 1
+        append = self.log.append
+        last_seq = self.last_seq
+        effect_events = 0
+        try:
+            for event in events:
+                seq = event.seq
+                if seq <= last_seq:
+                    continue
+                if seq != last_seq + 1:
+                    raise CorruptEventError(self.conversation_id, seq, f"expected seq {last_seq + 1}")
+                append(event)
+                last_seq = seq
+                if event.kind not in INPUT_KINDS:
+                    effect_events += 1
+        finally:  # what was taken before a bad event stays taken, as when it was counted event by event
+            self.last_seq = last_seq
+            self.effect_events += effect_events
 
     def input_reply(self, text: str, metadata: dict[str, JsonValue], now: datetime) -> ReplyReceived:
         """Record an inbound message at the next sequence number."""
-        reply = _as_read_back(ReplyReceived(seq=self.last_seq + 1, at=now, text=text, metadata=metadata))
+        at = _read_back_time(now)
+        if at is not None and not metadata and _encodes(text):
+            reply = build(ReplyReceived, seq=self.last_seq + 1, at=at, text=text, metadata={})
+        else:
+            reply = _as_read_back(ReplyReceived(seq=self.last_seq + 1, at=now, text=text, metadata=metadata))
         self._record_input(reply)
         return reply
 
@@ -174,7 +181,7 @@ class Execution:
         """Record that these outbox messages were handed to the channel; return the events to append."""
         events: list[Event] = []
         for mid in message_ids:
-            delivered = Delivered(seq=self.last_seq + 1, at=now, message_id=mid)
+            delivered = build(Delivered, seq=self.last_seq + 1, at=now, message_id=mid)
             self._record_input(delivered)
             events.append(delivered)
         self._new = [event for event in self._new if event.kind != "delivered"]
@@ -226,7 +233,7 @@ class Execution:
         """
         if self._awaiting_call is not None:
             return self._outcome("running", call=self._awaiting_call)
-        while not self.ended:
+        while self.state not in _ENDED:
             if not self._begun:
                 self._begun = True
                 self.frames.append(self.dialog.open(self.started.args, self.started.kwargs))
@@ -236,10 +243,25 @@ class Execution:
                 if not self._resolve_pending(now):
                     return self._blocked_outcome()
                 continue
-            if self._feed is not None:
-                value, exc = self._feed
+            feed = self._feed
+            if feed is not None:
                 self._feed = None
-                await self._step(value, exc, now)
+                frame = self.frames[-1]
+                if not frame.is_async:  # the common case, stepped without a coroutine per effect
+                    try:
+                        effect = frame.step(*feed)
+                    except Done as done:
+                        await frame.close()
+                        await self._frame_ended(done.value, None, now)
+                    except NondeterminismError:
+                        raise
+                    except Exception as raised:  # the dialog's own code raised
+                        await frame.close()
+                        await self._frame_ended(None, raised, now)
+                    else:
+                        self._handle(effect, now)
+                    continue
+                await self._step(*feed, now)
                 continue
             if self._awaiting_call is not None:
                 return self._outcome("running", call=self._awaiting_call)
@@ -261,7 +283,10 @@ class Execution:
         """Send ``value`` (or throw ``exc``) into the top frame and handle what it yields or how it ends."""
         frame = self.frames[-1]
         try:
-            effect = await (frame.throw(exc) if exc is not None else frame.send(value))
+            if frame.is_async:
+                effect = await (frame.throw(exc) if exc is not None else frame.send(value))
+            else:
+                effect = frame.step(value, exc)
         except Done as done:
             await frame.close()
             await self._frame_ended(done.value, None, now)
@@ -300,11 +325,36 @@ class Execution:
 
     def _handle(self, effect: Effect, now: datetime) -> None:
         """Resolve a yielded effect from the log (replay) or against ``now`` (frontier)."""
-        recorded = self._next_recorded()
-        if recorded is not None:
-            self._check_match(recorded, effect)
-            self._replay_result(recorded, effect)
+        # The loop of _next_recorded and _absorb inlined, with sends and waits (most of a long log) matched
+        # here: replaying 10,000 events is this loop 10,000 times.
+        log = self.log
+        cursor = self.cursor
+        end = len(log)
+        while cursor < end:
+            recorded = log[cursor]
+            cursor += 1
+            kind = recorded.kind
+            if kind == "reply":
+                self.inbox.append(recorded)  # type: ignore[arg-type]
+                continue
+            if kind == "delivered":
+                self.outbox.pop(recorded.message_id, None)  # type: ignore[union-attr]
+                continue
+            if kind == "timer_fired":
+                continue  # a timer for an effect already resolved (a duplicate fire)
+            self.cursor = cursor
+            effect_type = type(effect)
+            if kind == "sent" and effect_type is Send and recorded.text == effect.text:  # type: ignore[union-attr,attr-defined]
+                mid = f"{self.conversation_id}:{recorded.seq}"
+                self.outbox[mid] = recorded  # type: ignore[assignment]
+                self._feed = (mid, None)
+            elif kind == "waiting" and effect_type is WaitForReply:
+                self._pending = recorded  # type: ignore[assignment]
+            else:
+                self._check_match(recorded, effect)
+                self._replay_result(recorded, effect)
             return
+        self.cursor = cursor
         try:
             self._resolve_new(effect, now)
         except (TimeParseError, UnknownTimeZoneError, NotJSONError) as exc:
@@ -313,26 +363,37 @@ class Execution:
 
     def _resolve_new(self, effect: Effect, now: datetime) -> None:
         seq = self.last_seq + 1
-        if isinstance(effect, Send):
+        kind = effect.kind  # compared as strings: isinstance() on a pydantic class goes through ABCMeta
+        if kind == "send":
+            assert isinstance(effect, Send)
             due_at = None
             if effect.at is not None:
                 due_at = parse_instant(effect.at, now, self.tz)
-            sent = Sent(seq=seq, at=now, text=effect.text, to=effect.to, metadata=effect.metadata, due_at=due_at)
+            if effect.metadata:  # the effect's own dict: the event gets a validated copy
+                sent = Sent(seq=seq, at=now, text=effect.text, to=effect.to, metadata=effect.metadata, due_at=due_at)
+            else:
+                sent = build(Sent, seq=seq, at=now, text=effect.text, to=effect.to, metadata={}, due_at=due_at)
             self._record(sent)
             self._feed = (message_id(self.conversation_id, seq), None)
-        elif isinstance(effect, WaitForReply):
+        elif kind == "wait_for_reply":
+            assert isinstance(effect, WaitForReply)
             timeout_at = None if effect.timeout is None else now + parse_duration(effect.timeout)
-            self._record(Waiting(seq=seq, at=now, timeout_at=timeout_at))
-            self._pending = _Pending(self.log[-1])  # type: ignore[arg-type]
-        elif isinstance(effect, SleepUntil | Sleep):
-            if isinstance(effect, SleepUntil):
+            self._record(build(Waiting, seq=seq, at=now, timeout_at=timeout_at))
+            self._pending = self.log[-1]  # type: ignore[assignment]
+        elif kind == "sleep_until" or kind == "sleep":
+            if kind == "sleep_until":
+                assert isinstance(effect, SleepUntil)
                 until = parse_instant(effect.when, now, self.tz)
             else:
+                assert isinstance(effect, Sleep)
                 until = now + parse_duration(effect.duration)
-            self._record(_as_read_back(Sleeping(seq=seq, at=now, effect=effect.kind, until=until)))
-            self._pending = _Pending(self.log[-1])  # type: ignore[arg-type]
-        elif isinstance(effect, Now):
-            read = self._record(_as_read_back(NowRead(seq=seq, at=now, value=now)))
+            self._pending = self._record(_sleeping(seq, now, effect.kind, until))  # type: ignore[arg-type]
+        elif kind == "now":
+            at = _read_back_time(now)
+            if at is not None:
+                read = self._record(build(NowRead, seq=seq, at=at, value=at))
+            else:
+                read = self._record(_as_read_back(NowRead(seq=seq, at=now, value=now)))
             self._feed = (read.value, None)
         elif isinstance(effect, Call):
             self._awaiting_call = effect
@@ -360,7 +421,7 @@ class Execution:
         elif isinstance(recorded, Sent):
             self._feed = (message_id(self.conversation_id, recorded.seq), None)
         elif isinstance(recorded, Waiting | Sleeping):
-            self._pending = _Pending(recorded)
+            self._pending = recorded
         elif isinstance(recorded, NowRead):
             self._feed = (recorded.value, None)
         elif isinstance(recorded, Called):
@@ -381,25 +442,31 @@ class Execution:
     def _resolve_pending(self, now: datetime) -> bool:
         """Try to end the current wait or sleep; True if it ended (and the result is fed)."""
         assert self._pending is not None
-        blocked = self._pending.event
-        if isinstance(blocked, Waiting) and self.inbox and _answers(blocked, self.inbox[0]):
+        blocked = self._pending
+        waiting = blocked.kind == "waiting"
+        if waiting and self.inbox and _answers(blocked, self.inbox[0]):  # type: ignore[arg-type]
             self._pending = None
             self._feed = (self._reply(self.inbox.popleft()), None)
             return True
-        while self.cursor < len(self.log):
-            event = self.log[self.cursor]
+        log = self.log
+        while self.cursor < len(log):
+            event = log[self.cursor]
             self.cursor += 1
-            if isinstance(event, ReplyReceived) and isinstance(blocked, Waiting):
-                if not _answers(blocked, event):
-                    self.inbox.append(event)  # it queues behind the overdue timeout, which fires below
+            kind = event.kind
+            if kind == "reply" and waiting:
+                if not _answers(blocked, event):  # type: ignore[arg-type]
+                    self.inbox.append(event)  # type: ignore[arg-type]  # it queues behind the overdue timeout
                     continue
                 self._pending = None
-                self._feed = (self._reply(event), None)
+                self._feed = (self._reply(event), None)  # type: ignore[arg-type]
                 return True
-            if isinstance(event, TimerFired) and event.for_seq == blocked.seq:
+            if kind == "timer_fired" and event.for_seq == blocked.seq:  # type: ignore[union-attr]
                 self._pending = None
-                self._feed = (None if isinstance(blocked, Waiting) else blocked.until, None)
+                self._feed = (None if waiting else blocked.until, None)  # type: ignore[union-attr]
                 return True
+            if kind == "delivered":
+                self.outbox.pop(event.message_id, None)  # type: ignore[union-attr]
+                continue
             if not self._absorb(event):
                 raise CorruptEventError(
                     self.conversation_id,
@@ -408,7 +475,7 @@ class Execution:
                 )
         deadline = blocked.timeout_at if isinstance(blocked, Waiting) else blocked.until
         if deadline is not None and deadline <= now:
-            self._record(TimerFired(seq=self.last_seq + 1, at=now, for_seq=blocked.seq))
+            self._record(build(TimerFired, seq=self.last_seq + 1, at=now, for_seq=blocked.seq))
             self.cursor = len(self.log)
             self._pending = None
             self._feed = (None if isinstance(blocked, Waiting) else blocked.until, None)
@@ -417,7 +484,7 @@ class Execution:
 
     def _blocked_outcome(self) -> Advance:
         assert self._pending is not None
-        blocked = self._pending.event
+        blocked = self._pending
         if isinstance(blocked, Waiting):
             return self._outcome("waiting_for_reply", wake_at=blocked.timeout_at)
         return self._outcome("sleeping", wake_at=blocked.until)
@@ -434,7 +501,7 @@ class Execution:
         """When this conversation next needs the runner: a timer or a scheduled send."""
         times = []
         if self._pending is not None and not self.ended:
-            blocked = self._pending.event
+            blocked = self._pending
             deadline = blocked.timeout_at if isinstance(blocked, Waiting) else blocked.until
             if deadline is not None:
                 times.append(deadline)
@@ -456,30 +523,30 @@ class Execution:
 
     def _absorb(self, event: Event) -> bool:
         """Take in an input event; False if ``event`` is not an input."""
-        if isinstance(event, ReplyReceived):
-            self.inbox.append(event)
-        elif isinstance(event, Delivered):
-            self.outbox.pop(event.message_id, None)
-        elif isinstance(event, TimerFired):
-            pass  # a timer for an effect already resolved (a duplicate fire)
-        else:
+        kind = event.kind
+        if kind == "reply":
+            self.inbox.append(event)  # type: ignore[arg-type]
+        elif kind == "delivered":
+            self.outbox.pop(event.message_id, None)  # type: ignore[union-attr]
+        elif kind != "timer_fired":  # a timer for an effect already resolved (a duplicate fire) is absorbed
             return False
         return True
 
     def _check_match(self, recorded: Event, effect: Effect) -> None:
         # The two commonest pairs are compared directly (replaying a long log builds no strings); the keys
         # decide every other pair, and name both sides when they differ.
-        if type(effect) is Send and isinstance(recorded, Sent):
-            matches = recorded.text == effect.text
-        elif type(effect) is WaitForReply and isinstance(recorded, Waiting):
+        kind = recorded.kind
+        if type(effect) is Send and kind == "sent":
+            matches = recorded.text == effect.text  # type: ignore[union-attr]
+        elif type(effect) is WaitForReply and kind == "waiting":
             matches = True
-        elif isinstance(recorded, EffectFailed):
-            matches = recorded.effect == effect.kind
+        elif kind == "effect_failed":
+            matches = recorded.effect == effect.kind  # type: ignore[union-attr]
         else:
             matches = _recorded_key(recorded) == effect.key()
         if not matches:
             raise NondeterminismError(self.conversation_id, recorded.seq, _recorded_key(recorded), effect.describe())
-        if isinstance(recorded, Sent | Cancelled):
+        if kind == "sent" or kind == "cancelled":
             self._track_outbox(recorded)
 
     def _match_or_record(self, event: Event, description: str) -> None:
@@ -510,14 +577,15 @@ class Execution:
         self._track_outbox(event)
 
     def _track_outbox(self, event: Event) -> None:
-        if isinstance(event, Sent):
-            self.outbox[message_id(self.conversation_id, event.seq)] = event
-        elif isinstance(event, Delivered):
-            self.outbox.pop(event.message_id, None)
-        elif isinstance(event, Cancelled) and event.ok:
-            self.outbox.pop(event.message_id, None)
+        kind = event.kind  # by kind: isinstance() on a pydantic class goes through ABCMeta
+        if kind == "sent":
+            self.outbox[f"{self.conversation_id}:{event.seq}"] = event  # type: ignore[assignment]
+        elif kind == "delivered" or (kind == "cancelled" and event.ok):  # type: ignore[union-attr]
+            self.outbox.pop(event.message_id, None)  # type: ignore[union-attr]
 
     def _reply(self, event: ReplyReceived) -> Reply:
+        if not event.metadata:  # nothing to copy: built without validating the event's values again
+            return build(Reply, id=f"{self.conversation_id}:{event.seq}", text=event.text, at=event.at, metadata={})
         return Reply(
             id=message_id(self.conversation_id, event.seq), text=event.text, at=event.at, metadata=event.metadata
         )
@@ -543,6 +611,35 @@ def _replayed_error(recorded: EffectFailed, effect: Effect) -> Exception:
     elif isinstance(exc, UnknownTimeZoneError):
         exc.zone = getattr(effect, "zone", "")
     return exc
+
+
+def _read_back_time(value: datetime) -> datetime | None:
+    """``value`` as the log gives it back (pydantic's ``TzInfo`` of the same offset, ``fold`` 0), without the
+    JSON round trip; None when only the round trip is sure to give the same (naive, odd offset, subclass)."""
+    if type(value) is not datetime:
+        return None
+    offset = value.utcoffset()
+    if offset is None or offset.microseconds or offset.seconds % 60:
+        return None
+    return value.replace(tzinfo=TzInfo(offset.days * 86_400 + offset.seconds), fold=0)
+
+
+def _encodes(text: str) -> bool:
+    """Whether ``text`` survives JSON unchanged (a lone surrogate does not; the round trip then raises)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _sleeping(seq: int, now: datetime, effect: Literal["sleep", "sleep_until"], until: datetime) -> Sleeping:
+    at, read_until = _read_back_time(now), _read_back_time(until)
+    if at is None or read_until is None:
+        return _as_read_back(Sleeping(seq=seq, at=now, effect=effect, until=until))
+    return build(Sleeping, seq=seq, at=at, effect=effect, until=read_until)
 
 
 def _as_read_back(event: _T) -> _T:

@@ -15,9 +15,7 @@ import logging
 import os
 import socket
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import OrderedDict, deque
 from datetime import datetime, timedelta
 from functools import partial
 from types import TracebackType
@@ -43,7 +41,7 @@ from dynaprompt.errors import (
     StoreError,
     UnknownConversationError,
 )
-from dynaprompt.events import INPUT_KINDS, Delivered, ErrorInfo, Event, Failed, ReplyReceived, Sent, Started
+from dynaprompt.events import INPUT_KINDS, Delivered, ErrorInfo, Event, Failed, ReplyReceived, Sent, Started, build
 from dynaprompt.models import Message, Schedule, Status, TranscriptEntry
 from dynaprompt.replay import Execution, message_id, to_json
 from dynaprompt.stores.base import ConversationRow, RowUpdate, Store
@@ -128,7 +126,7 @@ class Runner:
         self.min_schedule_interval = _seconds(min_schedule_interval)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._cache: OrderedDict[str, Execution] = OrderedDict()
-        self._locks: dict[str, anyio.Lock] = {}
+        self._locks: dict[str, deque[anyio.Event]] = {}  # conversations being worked on: their waiters
         self._changed = anyio.Event()
         self._carried: dict[str, tuple[str, tuple[Any, BaseException | None, int]]] = {}
         self._took_over_dead = False  # run_due() looks once for leases left by dead processes on this host
@@ -480,19 +478,9 @@ class Runner:
 
     # -- internals -------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _lock(self, conversation_id: str) -> AsyncIterator[None]:
+    def _lock(self, conversation_id: str) -> _ConversationLock:
         """Serialise this runner's own work on one conversation; no state outlives the work."""
-        lock = self._locks.get(conversation_id)
-        if lock is None:
-            # fast_acquire: an uncontended lock (the usual case) is taken without a trip through the event loop.
-            lock = self._locks[conversation_id] = anyio.Lock(fast_acquire=True)
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._locks.pop(conversation_id, None)
+        return _ConversationLock(self._locks, conversation_id)
 
     async def _acquire(self, conversation_id: str, row: ConversationRow, now: datetime) -> ConversationRow | None:
         steal = row.lease_owner if row.lease_owner and _owner_is_dead(row.lease_owner) else None
@@ -566,7 +554,16 @@ class Runner:
                 return cached
             await cached.close()
         events = await self.store.load(row.id)
-        start_at = max((i for i, e in enumerate(events) if isinstance(e, Started)), default=None)
+        # The latest run's start: where the row says (a log numbered from 1 holds seq n at n - 1), else looked
+        # for from the end.
+        start_at: int | None = row.run_seq - 1
+        if not (
+            start_at is not None
+            and 0 <= start_at < len(events)
+            and events[start_at].kind == "started"
+            and events[start_at].seq == row.run_seq
+        ):
+            start_at = next((i for i in range(len(events) - 1, -1, -1) if events[i].kind == "started"), None)
         if start_at is None:
             raise UnknownConversationError(row.id)
         started = events[start_at]
@@ -700,14 +697,20 @@ class Runner:
             return None
         handed: list[str] = []
         for sent in due:
-            mid = message_id(conversation_id, sent.seq)
-            metadata = dict(sent.metadata)
-            if sent.due_at is not None:
-                metadata["due_at"] = _iso(sent.due_at)
-            message = Message(
-                id=mid, conversation_id=conversation_id, text=sent.text,
-                at=sent.due_at or sent.at, to=sent.to, metadata=metadata,
-            )  # fmt: skip
+            mid = f"{conversation_id}:{sent.seq}"
+            if sent.metadata:
+                metadata = dict(sent.metadata)
+                if sent.due_at is not None:
+                    metadata["due_at"] = _iso(sent.due_at)
+                message = Message(
+                    id=mid, conversation_id=conversation_id, text=sent.text,
+                    at=sent.due_at or sent.at, to=sent.to, metadata=metadata,
+                )  # fmt: skip
+            else:  # the values of a recorded event, and a fresh dict: nothing to validate again
+                message = build(
+                    Message, id=mid, conversation_id=conversation_id, text=sent.text, at=sent.due_at or sent.at,
+                    to=sent.to, metadata={} if sent.due_at is None else {"due_at": _iso(sent.due_at)},
+                )  # fmt: skip
             if self.channel is not None:
                 try:
                     await self.channel.deliver(message)
@@ -763,6 +766,44 @@ class Runner:
         cached = self._cache.pop(conversation_id, None)
         for dropped in {id(x): x for x in (cached, execution) if x is not None}.values():
             await dropped.close()
+
+
+class _ConversationLock:
+    """A FIFO lock on one conversation of one runner: ``locks`` holds an entry (its waiters) only while the
+    conversation is held, so no state outlives the work. Taking a free one is a dict insert, with no
+    lock object and no trip through the event loop (a wake-up takes it at least once)."""
+
+    __slots__ = ("_conversation_id", "_locks")
+
+    def __init__(self, locks: dict[str, deque[anyio.Event]], conversation_id: str) -> None:
+        self._locks = locks
+        self._conversation_id = conversation_id
+
+    async def __aenter__(self) -> None:
+        waiters = self._locks.get(self._conversation_id)
+        if waiters is None:
+            self._locks[self._conversation_id] = deque()
+            return
+        turn = anyio.Event()
+        waiters.append(turn)
+        try:
+            await turn.wait()  # set by the holder that hands the lock over
+        except BaseException:
+            if turn.is_set():  # handed over as we were cancelled: hand it on
+                self._hand_on()
+            else:
+                waiters.remove(turn)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        waiters = self._locks[self._conversation_id]
+        if waiters:
+            waiters.popleft().set()
+        else:
+            del self._locks[self._conversation_id]
 
 
 def _default_cache_size() -> int:
