@@ -310,17 +310,17 @@ class Execution:
         info = ErrorInfo.of(exc) if exc is not None else None
         if self.frames:  # a sub-dialog ended: hand its result (or error) to the parent
             if info is not None:
-                ended: Event = SubEnded(seq=seq, at=now, dialog=frame.dialog.name, error=info)
-            else:
-                ended = SubEnded(seq=seq, at=now, dialog=frame.dialog.name, result=result)
+                ended: Event = build(SubEnded, seq=seq, at=now, dialog=frame.dialog.name, result=None, error=info)
+            else:  # ``result`` is to_json's own copy: nothing else holds it
+                ended = build(SubEnded, seq=seq, at=now, dialog=frame.dialog.name, result=result, error=None)
             self._match_or_record(ended, f"end of sub-dialog {frame.dialog.name}")
             self._feed = (None, exc) if exc is not None else (result, None)
             return
         if info is not None:
-            self._match_or_record(Failed(seq=seq, at=now, error=info), "failure of the dialog")
+            self._match_or_record(build(Failed, seq=seq, at=now, error=info), "failure of the dialog")
             self.state, self.error = "failed", info
         else:
-            self._match_or_record(Completed(seq=seq, at=now, result=result), "end of the dialog")
+            self._match_or_record(build(Completed, seq=seq, at=now, result=result), "end of the dialog")
             self.state, self.result = "completed", result
 
     def _handle(self, effect: Effect, now: datetime) -> None:

@@ -670,11 +670,18 @@ class Runner:
         if not events and not force:
             return None
         wake_at = execution.wake_at()
-        update = RowUpdate(
+        fields = dict(
             state=execution.state, wake_at=wake_at, needs_advance=False, parked=False,
             result=execution.result, error=str(execution.error) if execution.error else None,
             clear=_FLUSH_CLEARS, release_owner=self.owner if release else None,
         )  # fmt: skip
+        # Typed values of our own: validated only when the result is a container (the update gets its own copy).
+        result = execution.result
+        update = (
+            build(RowUpdate, **fields)
+            if result is None or isinstance(result, str | int | float)
+            else RowUpdate(**fields)
+        )
         try:
             written = await self.store.append(conversation_id, events, update, now)
         except ConflictError:
