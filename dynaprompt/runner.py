@@ -16,7 +16,7 @@ import os
 import socket
 import uuid
 from collections import OrderedDict, deque
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -128,7 +128,7 @@ class Runner:
         self._cache: OrderedDict[str, Execution] = OrderedDict()
         self._locks: dict[str, deque[anyio.Event]] = {}  # conversations being worked on: their waiters
         self._changed = anyio.Event()
-        self._carried: dict[str, tuple[str, tuple[Any, BaseException | None, int]]] = {}
+        self._carried: dict[str, tuple[tuple[Any, ...], tuple[Any, BaseException | None, int]]] = {}
         self._took_over_dead = False  # run_due() looks once for leases left by dead processes on this host
 
     async def __aenter__(self) -> Runner:
@@ -733,8 +733,14 @@ class Runner:
     async def _run_call(
         self, conversation_id: str, execution: Execution, effect: Call
     ) -> tuple[Any, BaseException | None, int]:
+        # The same call at the same place in the log: the log may have moved on since (a conflict), and
+        # a result carried from elsewhere must never stand in for another call.
+        # The place counts effects only: a reply another runner appended meanwhile (the usual conflict) moves
+        # last_seq but not the call, and running the call again then would break "side effects run once".
+        place = execution.effect_events
+        key = (effect.name, execution.started.seq, place, effect.arguments, effect.keywords)
         carried = self._carried.pop(conversation_id, None)
-        if carried is not None and carried[0] == effect.name:
+        if carried is not None and carried[0] == key:
             return carried[1]
         delay = effect.retry_delay
         attempt = 0
@@ -756,7 +762,7 @@ class Runner:
                 await anyio.sleep(delay)
                 delay *= 2
         # Kept until the result is durable: if the append conflicts, the retry reuses it.
-        self._carried[conversation_id] = (effect.name, outcome)
+        self._carried[conversation_id] = (key, outcome)
         return outcome
 
     def _keep(self, conversation_id: str, execution: Execution) -> None:
@@ -829,7 +835,8 @@ def _seconds(value: timedelta | float) -> timedelta:
 
 def _status(row: ConversationRow) -> Status:
     return Status(
-        conversation_id=row.id, dialog=row.dialog, state=row.state, wake_at=row.wake_at,
+        conversation_id=row.id, dialog=row.dialog, state=row.state,
+        wake_at=row.wake_at.astimezone(UTC) if row.wake_at is not None else None,
         result=row.result, error=row.error, run=row.run, last_seq=row.last_seq,
     )  # fmt: skip
 
