@@ -673,7 +673,10 @@ class Runner:
         fields = dict(
             state=execution.state, wake_at=wake_at, needs_advance=False, parked=False,
             result=execution.result, error=str(execution.error) if execution.error else None,
-            clear=_FLUSH_CLEARS, release_owner=self.owner if release else None,
+            clear=_FLUSH_CLEARS,
+            # Only an append of events may drop the lease: their unique seqs prove the log did not move. A bare
+            # row rewrite must not, or a reply another runner appended just before would be left unadvanced.
+            release_owner=self.owner if release and events else None,
         )  # fmt: skip
         # Typed values of our own: validated only when the result is a container (the update gets its own copy).
         result = execution.result

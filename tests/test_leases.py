@@ -4,6 +4,7 @@ serve() rides out a store outage."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -21,6 +22,8 @@ from dynaprompt import (
     sleep,
     wait_for_reply,
 )
+from dynaprompt.events import ReplyReceived
+from dynaprompt.stores.base import RowUpdate
 from dynaprompt.stores.memory import MemoryStore
 from dynaprompt.testing import VirtualClock
 
@@ -144,3 +147,41 @@ async def test_serve_rides_out_a_store_outage(clock: VirtualClock) -> None:
                 group.cancel_scope.cancel()
     assert channel.texts() == ["napping", "awake"]
     assert store.failures == 0
+
+
+class ReplyLandsFirst(MemoryStore):
+    """Another runner makes a reply durable just before this runner's next bare row rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    async def append(self, conversation_id: str, events: list[Any], update: RowUpdate, now: datetime) -> Any:
+        if self.armed and not events:
+            self.armed = False
+            row = self._rows[conversation_id]
+            reply = ReplyReceived(seq=row.last_seq + 1, at=now, text="sneaky", metadata={})
+            await super().append(conversation_id, [reply], RowUpdate(needs_advance=True), now)
+        return await super().append(conversation_id, events, update, now)
+
+
+@dialog(name="tests.leases:echo")
+async def echo():
+    while True:
+        reply = yield wait_for_reply()
+        yield send(f"echo {reply.text}")
+
+
+async def test_a_reply_landing_during_a_bare_row_rewrite_is_still_answered(clock: VirtualClock) -> None:
+    store = ReplyLandsFirst()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock) as runner:
+        await runner.start(echo, "e1")
+        await store.append("e1", [], RowUpdate(needs_advance=True), clock.now())  # a stale row: rewritten bare
+        store.armed = True
+        await runner.run_due()
+        row = await store.get("e1")
+    assert channel.texts() == ["echo sneaky"]
+    assert row is not None
+    assert row.lease_owner is None
+    assert not row.needs_advance
