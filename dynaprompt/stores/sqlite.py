@@ -107,7 +107,7 @@ def _update_statement(update: RowUpdate) -> tuple[str, list[object]]:
         if name == "wake_at":
             value = _ts(value)
         elif name == "result":
-            value = json.dumps(value)
+            value = None if value is None else json.dumps(value)  # NULL reads back as None, as "null" does
         elif name in ("parked", "needs_advance"):
             value = int(value)
         params.append(value)
@@ -266,6 +266,9 @@ class SQLiteStore:
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     for write in writes:
+                        if write.single:  # one statement is undone on its own if it fails: no savepoint
+                            self._run_one(write)
+                            continue
                         db.execute("SAVEPOINT w")
                         if self._run_one(write):
                             db.execute("RELEASE w")
