@@ -26,7 +26,6 @@ the test kills it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 
 import anyio
 
-from dynaprompt import Message, Runner, call, dialog, open_store, send, wait_for_reply
+from dynaprompt import Runner, call, dialog, open_store, send, wait_for_reply
 from dynaprompt.stores.mongo import MongoStore
 from dynaprompt.testing import VirtualClock
 
@@ -115,19 +114,6 @@ class CountedCollection:
         return counted
 
 
-class FileChannel:
-    """Appends each message handed over as a JSON line (id, text, step, pid)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.step = -1
-
-    async def deliver(self, message: Message) -> None:
-        line = json.dumps({"id": message.id, "text": message.text, "step": self.step, "pid": os.getpid()})
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(line + "\n")
-
-
 # -- the commands ---------------------------------------------------------------------
 
 
@@ -140,7 +126,7 @@ async def run_survey(args: argparse.Namespace) -> None:
     counter = WriteCounter(args.kill_at, args.position, args.count_writes)
     counter.install(store)
     clock = VirtualClock(crash_worker.START)
-    channel = FileChannel(workdir / "channel.jsonl")
+    channel = crash_worker.FileChannel(workdir / "channel.jsonl")
     side_file = str(workdir / "side_effects.txt")
     conversation = crash_worker.CONVERSATION
     async with Runner(store, channel, clock=clock, lease_seconds=crash_worker.LEASE_SECONDS) as runner:
@@ -165,6 +151,8 @@ async def run_survey(args: argparse.Namespace) -> None:
 
 
 async def run_runner(args: argparse.Namespace) -> None:
+    from crash_worker import FileChannel  # the same trace file format as the SQLite crash tests
+
     store = await open_store(args.url, server_selection_timeout=5.0)
     channel = FileChannel(Path(args.dir) / f"channel-{args.name}.jsonl")
     async with Runner(store, channel, lease_seconds=args.lease_seconds, poll_interval=args.poll_interval) as runner:
