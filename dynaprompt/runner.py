@@ -616,10 +616,7 @@ class Runner:
             await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
 
     async def _release(self, conversation_id: str, execution: Execution) -> bool:
-        released = await self.store.release(conversation_id, self.owner, execution.last_seq)
-        if not released:
-            return False
-        return True
+        return await self.store.release(conversation_id, self.owner, execution.last_seq)
 
     async def _advance(self, conversation_id: str, execution: Execution, row_stale: bool) -> ConversationRow | None:
         """Drive the execution until it blocks, appending and handing off as it goes; the row of the last append
