@@ -133,7 +133,7 @@ class UpdatesRowBeforeCheckingSeqs(MemoryStore):
         return await super().append(conversation_id, events, update, now)
 
 
-class ChecksThenWrites(MemoryStore):
+class ChecksThenWrites(AppendsOverTakenSeqs):
     """Checks the sequence number, then awaits before writing: concurrent writers all pass the check."""
 
     async def append(
@@ -141,13 +141,7 @@ class ChecksThenWrites(MemoryStore):
     ) -> ConversationRow:
         self._check_seqs(conversation_id, len(self._events[conversation_id]), events)
         await anyio.lowlevel.checkpoint()
-        log = self._events[conversation_id]
-        for event in events:
-            del log[event.seq - 1 :]
-            log.append(event)
-        row = update.apply(self._rows[conversation_id], len(log), now)
-        self._rows[conversation_id] = row
-        return row
+        return await super().append(conversation_id, events, update, now)
 
 
 class ReleasesAnyOwnersLease(MemoryStore):
