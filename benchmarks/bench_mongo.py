@@ -39,7 +39,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient, ReturnDocument, WriteConcern
 
-from dynaprompt import Message, Runner, dialog, open_store, send, wait_for_reply
+from dynaprompt import Message, Runner, open_store
 from dynaprompt.stores.memory import MemoryStore
 from dynaprompt.stores.mongo import MongoStore
 
@@ -47,16 +47,8 @@ WRITE_METHODS = ("insert_one", "insert_many", "update_one", "find_one_and_update
 READ_METHODS = ("find_one", "find", "count_documents")
 
 
-@dialog(name="bench:mongo-chat")
-def chat() -> Any:
-    """Ask, wait, acknowledge, forever: every turn is reply + two sends + two delivered marks + a wait."""
-    turn = 0
-    yield send(f"Question {turn}?")
-    while True:
-        reply = yield wait_for_reply()
-        turn += 1
-        yield send(f"Got {reply.text!r}.")
-        yield send(f"Question {turn}?")
+# The same workload as bench_core.py, so the two stores' turns are the same turn.
+from bench_core import chat  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
 
 
 class NullChannel:
