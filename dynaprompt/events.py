@@ -20,11 +20,13 @@ No code is stored: only JSON values, validated on read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+
+from dynaprompt.errors import CorruptEventError
 
 __all__ = [
     "Called",
@@ -234,17 +236,7 @@ def event_to_json(event: Event) -> str:
 
 def event_from_json(conversation_id: str, seq: int, text: str | bytes) -> Event:
     """Validate one stored event; a bad one raises ``CorruptEventError`` naming where it is."""
-    from dynaprompt.errors import CorruptEventError
-
-    try:
-        event = _adapter.validate_json(text)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        raise CorruptEventError(conversation_id, seq, f"{where}: {first.get('msg')}") from exc
-    if event.seq != seq:
-        raise CorruptEventError(conversation_id, seq, f"it says seq {event.seq}")
-    return event
+    return _checked(conversation_id, seq, lambda: _adapter.validate_json(text))
 
 
 def events_from_json(conversation_id: str, rows: Sequence[tuple[int, str | bytes]]) -> list[Event]:
@@ -253,8 +245,6 @@ def events_from_json(conversation_id: str, rows: Sequence[tuple[int, str | bytes
     The bodies are joined into one JSON array and validated in a single pydantic-core call (a long log loads
     several times faster than event by event); if that fails, each is validated alone to name the bad one.
     """
-    from dynaprompt.errors import CorruptEventError
-
     if not rows:
         return []
     try:
@@ -272,10 +262,13 @@ def events_from_json(conversation_id: str, rows: Sequence[tuple[int, str | bytes
 
 def event_from_dict(conversation_id: str, seq: int, data: object) -> Event:
     """Like :func:`event_from_json`, for a decoded document (the MongoDB store)."""
-    from dynaprompt.errors import CorruptEventError
+    return _checked(conversation_id, seq, lambda: _adapter.validate_python(data))
 
+
+def _checked(conversation_id: str, seq: int, validate: Callable[[], Event]) -> Event:
+    """Run ``validate`` and check the event is the one stored at ``seq``, else ``CorruptEventError``."""
     try:
-        event = _adapter.validate_python(data)
+        event = validate()
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()))
