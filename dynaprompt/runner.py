@@ -44,7 +44,7 @@ from dynaprompt.errors import (
 from dynaprompt.events import INPUT_KINDS, Delivered, ErrorInfo, Event, Failed, ReplyReceived, Sent, Started, build
 from dynaprompt.models import Message, Schedule, Status, TranscriptEntry
 from dynaprompt.replay import Execution, message_id, to_json
-from dynaprompt.stores.base import ConversationRow, RowUpdate, Store
+from dynaprompt.stores.base import Claim, ConversationRow, RowUpdate, Store
 from dynaprompt.timeparse import zone
 
 __all__ = ["Runner"]
@@ -253,8 +253,25 @@ class Runner:
         assert isinstance(json_metadata, dict)
         async with self._lock(conversation_id):
             recorded: ReplyReceived | None = None  # our reply, once it is known to be in the log
-            for _ in range(_MAX_ATTEMPTS):
+            for attempt in range(_MAX_ATTEMPTS):
                 now = self.clock.now()
+                cached = self._cache.get(conversation_id) if attempt == 0 else None
+                if cached is not None and not cached.ended:
+                    # Warm: advance first (it is pure) and let the first append take the lease, if nothing
+                    # moved since this runner last wrote (see Claim): one commit a turn fewer. If something
+                    # did, the append writes nothing, and the claim-first path below takes over.
+                    del self._cache[conversation_id]
+                    claim = Claim(
+                        owner=self.owner, until=now + self.lease, now=now, last_seq=cached.last_seq,
+                        run_seq=cached.started.seq,
+                    )  # fmt: skip
+                    reply = cached.input_reply(text, json_metadata, now)
+                    try:
+                        return await self._advance_and_release(conversation_id, cached, claim=claim)
+                    except ConflictError:
+                        stored = await self.store.load(conversation_id, reply.seq - 1)
+                        recorded = reply if stored and stored[0] == reply else None
+                        continue
                 # The lease is usually free: claim it at once and read the row only when that fails.
                 leased = await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
                 if leased is None:
@@ -573,13 +590,20 @@ class Runner:
         return execution
 
     async def _advance_and_release(
-        self, conversation_id: str, execution: Execution, row: ConversationRow | None = None
+        self,
+        conversation_id: str,
+        execution: Execution,
+        row: ConversationRow | None = None,
+        *,
+        claim: Claim | None = None,
     ) -> Status:
-        """Advance, append, hand off, and release the lease; go again if input arrived meanwhile."""
+        """Advance, append, hand off, and release the lease; go again if input arrived meanwhile. With
+        ``claim``, the lease is not held yet: the advance's first append takes it."""
         stale = row is not None and (row.parked or row.needs_advance or row.state != execution.state)
         try:
             while True:
-                written = await self._advance(conversation_id, execution, stale)
+                written = await self._advance(conversation_id, execution, stale, claim)
+                claim = None
                 if written is not None and written.lease_owner is None:
                     break  # the advance's last append dropped the lease with it
                 written = None
@@ -618,9 +642,12 @@ class Runner:
     async def _release(self, conversation_id: str, execution: Execution) -> bool:
         return await self.store.release(conversation_id, self.owner, execution.last_seq)
 
-    async def _advance(self, conversation_id: str, execution: Execution, row_stale: bool) -> ConversationRow | None:
+    async def _advance(
+        self, conversation_id: str, execution: Execution, row_stale: bool, claim: Claim | None = None
+    ) -> ConversationRow | None:
         """Drive the execution until it blocks, appending and handing off as it goes; the row of the last append
-        if that append also released our lease, else None (the caller releases)."""
+        if that append also released our lease, else None (the caller releases). ``claim`` goes with the first
+        append (which then always writes, events or not)."""
         now = self.clock.now()
         while True:
             try:
@@ -629,14 +656,15 @@ class Runner:
                 inputs = [e for e in execution.take_new_events() if e.kind in INPUT_KINDS]
                 update = RowUpdate(
                     state="failed", parked=True, error=f"NondeterminismError: {exc}", needs_advance=False,
-                    clear=frozenset({"wake_at"}),
+                    clear=frozenset({"wake_at"}), claim=claim,
                 )  # fmt: skip
                 await self.store.append(conversation_id, inputs, update, now)
                 await self._forget(conversation_id, execution)
                 raise
             if outcome.call is None:
                 break
-            await self._flush(conversation_id, execution, now, outcome.events)
+            await self._flush(conversation_id, execution, now, outcome.events, claim=claim)
+            claim = None
             await self._hand_off(conversation_id, execution, now)
             await self.store.acquire(conversation_id, self.owner, self.clock.now() + self.lease, now)
             async with anyio.create_task_group() as renewing:
@@ -648,8 +676,10 @@ class Runner:
         # The last append of the advance carries the lease release (one commit, not two): it is the hand-off's
         # "delivered" append when messages are due, else this one. A stale row is rewritten even with no events.
         if not execution.due_messages(now):
-            return await self._flush(conversation_id, execution, now, outcome.events, force=row_stale, release=True)
-        await self._flush(conversation_id, execution, now, outcome.events, force=row_stale)
+            return await self._flush(
+                conversation_id, execution, now, outcome.events, force=row_stale, release=True, claim=claim
+            )
+        await self._flush(conversation_id, execution, now, outcome.events, force=row_stale, claim=claim)
         return await self._hand_off(conversation_id, execution, now, release=True)
 
     async def _flush(
@@ -661,19 +691,21 @@ class Runner:
         *,
         force: bool = False,
         release: bool = False,
+        claim: Claim | None = None,
     ) -> ConversationRow | None:
-        """Append ``events`` with the row they imply (dropping our lease with it if ``release``); the new row,
-        or None if there was nothing to write."""
-        if not events and not force:
+        """Append ``events`` with the row they imply (taking the lease with them if ``claim``, dropping it if
+        ``release``); the new row, or None if there was nothing to write."""
+        if not events and not force and claim is None:
             return None
         wake_at = execution.wake_at()
         fields = dict(
             state=execution.state, wake_at=wake_at, needs_advance=False, parked=False,
             result=execution.result, error=str(execution.error) if execution.error else None,
             clear=_FLUSH_CLEARS,
-            # Only an append of events may drop the lease: their unique seqs prove the log did not move. A bare
-            # row rewrite must not, or a reply another runner appended just before would be left unadvanced.
-            release_owner=self.owner if release and events else None,
+            # Only an append of events (or a claim, which checks last_seq) may drop the lease: either proves the
+            # log did not move. A bare row rewrite must not, or a reply another runner appended just before
+            # would be left unadvanced.
+            release_owner=self.owner if release and (events or claim) else None, claim=claim,
         )  # fmt: skip
         # Typed values of our own: validated only when the result is a container (the update gets its own copy).
         result = execution.result

@@ -342,6 +342,14 @@ class FlakyStore(MemoryStore):
         self._check()
         return await super().load(conversation_id, after_seq)
 
+    async def append(self, *args: Any, **kwargs: Any) -> ConversationRow:
+        self._check()
+        return await super().append(*args, **kwargs)
+
+    async def release(self, *args: Any, **kwargs: Any) -> bool:
+        self._check()
+        return await super().release(*args, **kwargs)
+
 
 async def test_an_unreachable_store_is_503_and_the_service_recovers(clock: VirtualClock) -> None:
     store = FlakyStore()

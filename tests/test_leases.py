@@ -3,7 +3,7 @@ serve() rides out a store outage."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -185,3 +185,74 @@ async def test_a_reply_landing_during_a_bare_row_rewrite_is_still_answered(clock
     assert row is not None
     assert row.lease_owner is None
     assert not row.needs_advance
+
+
+class CountsWrites(MemoryStore):
+    """Counts the store's write calls by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    async def acquire(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes.append("acquire")
+        return await super().acquire(*args, **kwargs)
+
+    async def append(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes.append("append+claim" if args[2].claim is not None else "append")
+        return await super().append(*args, **kwargs)
+
+    async def release(self, *args: Any, **kwargs: Any) -> bool:
+        self.writes.append("release")
+        return await super().release(*args, **kwargs)
+
+
+async def test_a_warm_turn_takes_its_lease_with_its_first_append(clock: VirtualClock) -> None:
+    """Two writes a turn, not three: the claim rides on the append of reply and answer."""
+    store = CountsWrites()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock) as runner:
+        await runner.start(echo, "e1")
+        store.writes.clear()
+        await runner.deliver("e1", "hi")
+        row = await store.get("e1")
+    assert store.writes == ["append+claim", "append"]  # reply + send + waiting, then delivered + release
+    assert channel.texts() == ["echo hi"]
+    assert row is not None
+    assert row.lease_owner is None
+
+
+async def test_a_warm_turn_over_a_moved_log_falls_back_and_records_the_reply_once(
+    store: Store, clock: VirtualClock
+) -> None:
+    """Runner A's cached state is behind (B answered meanwhile): A's claim is refused, nothing of its stale
+    advance is written, and it replays and answers on top of B's turn."""
+    a_channel, b_channel = ListChannel(), ListChannel()
+    async with (
+        Runner(store, a_channel, clock=clock) as a,
+        Runner(store, b_channel, clock=clock) as b,
+    ):
+        await a.start(echo, "e1")
+        await b.deliver("e1", "one")
+        await a.deliver("e1", "two")
+        transcript = [(entry.direction, entry.text) for entry in await a.transcript("e1")]
+    assert transcript == [("in", "one"), ("out", "echo one"), ("in", "two"), ("out", "echo two")]
+    assert (b_channel.texts(), a_channel.texts()) == (["echo one"], ["echo two"])
+
+
+async def test_a_warm_turn_never_writes_under_a_live_lease_of_another_runner(store: Store, clock: VirtualClock) -> None:
+    """While B holds the lease, A's warm claim is refused: A only makes the reply durable and flags it,
+    and B (or anyone, once the lease is free) answers it."""
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock) as a:
+        await a.start(echo, "e1")
+        held = await store.acquire("e1", "b", clock.now() + timedelta(minutes=5), clock.now())
+        assert held is not None
+        await a.deliver("e1", "hi")
+        row = await store.get("e1")
+        assert row is not None
+        assert (row.lease_owner, row.needs_advance, channel.texts()) == ("b", True, [])
+        assert [e.kind for e in await store.load("e1", held.last_seq)] == ["reply"]
+        await store.release("e1", "b", None)
+        await a.run_due()
+    assert channel.texts() == ["echo hi"]

@@ -203,6 +203,19 @@ class ForgetsClear(MemoryStore):
         return await super().append(conversation_id, events, update.model_copy(update={"clear": frozenset()}), now)
 
 
+class IgnoresClaims(MemoryStore):
+    """Takes the lease of a claimed append without checking the row: a stale runner writes over a live lease."""
+
+    async def append(
+        self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        log = self._events[conversation_id]
+        self._check_seqs(conversation_id, len(log), events)
+        log.extend(events)
+        row = self._rows[conversation_id] = update.apply(self._rows[conversation_id], len(log), now)
+        return row
+
+
 class CreatesOverExisting(MemoryStore):
     """Replaces a conversation that exists instead of refusing the id."""
 
@@ -224,6 +237,7 @@ class CreatesOverExisting(MemoryStore):
         (ReturnsUnvalidatedEvents, "not a validated"),
         (ForgetsClear, "RowUpdate.clear"),
         (CreatesOverExisting, "create() of an id that exists"),
+        (IgnoresClaims, "append(claim) while another owner's lease is live"),
     ],
 )
 async def test_check_store_fails_a_broken_store(broken: type[MemoryStore], message: str) -> None:

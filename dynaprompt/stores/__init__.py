@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from dynaprompt.errors import StoreUnavailableError
-from dynaprompt.stores.base import ConversationRow, RowUpdate, Store
+from dynaprompt.stores.base import Claim, ConversationRow, RowUpdate, Store
 
-__all__ = ["ConversationRow", "RowUpdate", "Store", "open_store"]
+__all__ = ["Claim", "ConversationRow", "RowUpdate", "Store", "open_store"]
 
 
 def mask(url: str) -> str:

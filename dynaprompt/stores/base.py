@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 from dynaprompt.events import Event
 from dynaprompt.models import State
 
-__all__ = ["ConversationRow", "RowUpdate", "ScheduleRow", "Store"]
+__all__ = ["Claim", "ConversationRow", "RowUpdate", "ScheduleRow", "Store"]
 
 
 class ConversationRow(BaseModel):
@@ -42,6 +42,38 @@ class ConversationRow(BaseModel):
     tz: str = "UTC"
 
 
+class Claim(BaseModel):
+    """Take the lease in the same write as an append, if the conversation is where the runner saw it.
+
+    The runner advanced a cached conversation without holding its lease (the advance is pure), and
+    now appends the result only if nothing moved meanwhile: the log still ends at ``last_seq`` in the
+    run started at ``run_seq``, the row is neither parked nor flagged ``needs_advance``, and the lease
+    is free, ``owner``'s, or expired at ``now``. Then the lease goes to ``owner`` until ``until`` with
+    the events; otherwise the store raises ``ConflictError`` and writes nothing. One commit a turn
+    fewer than claiming first.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    owner: str
+    until: datetime
+    now: datetime
+    last_seq: int
+    run_seq: int
+
+    def allows(self, row: ConversationRow) -> bool:
+        """True when ``row`` is as the claim expects (the check every store makes, here for those in Python)."""
+        lease_free = row.lease_owner in (None, self.owner) or (
+            row.lease_until is not None and row.lease_until <= self.now
+        )
+        return (
+            row.last_seq == self.last_seq
+            and row.run_seq == self.run_seq
+            and not row.parked
+            and not row.needs_advance
+            and lease_free
+        )
+
+
 class RowUpdate(BaseModel):
     """Fields of a conversation row to set with an append; ``None`` leaves a field alone
     except where ``clear`` names it.
@@ -50,6 +82,10 @@ class RowUpdate(BaseModel):
     write (the runner's last append of an advance releases with it: one commit,
     not two). A store that ignores it stays correct: the runner sees the lease
     still held in the returned row and releases it with ``release()``.
+
+    ``claim``: append only if the row is as the runner saw it, taking the lease with the events (see
+    :class:`Claim`); with ``release_owner`` too, the lease is checked but left free. Every store must
+    honour it: it is what keeps an append made without holding the lease safe.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -65,10 +101,15 @@ class RowUpdate(BaseModel):
     tz: str | None = None
     clear: frozenset[str] = frozenset()
     release_owner: str | None = None
+    claim: Claim | None = None
 
     def apply(self, row: ConversationRow, last_seq: int, now: datetime) -> ConversationRow:
         changes: dict[str, object] = {"last_seq": last_seq, "updated_at": now}
-        if self.release_owner is not None and row.lease_owner == self.release_owner:
+        if self.claim is not None:
+            changes["lease_owner"], changes["lease_until"] = self.claim.owner, self.claim.until
+            if self.release_owner == self.claim.owner:
+                changes["lease_owner"] = changes["lease_until"] = None
+        elif self.release_owner is not None and row.lease_owner == self.release_owner:
             changes["lease_owner"] = changes["lease_until"] = None
         for name in (
             "dialog",

@@ -40,6 +40,8 @@ class MemoryStore:
     ) -> ConversationRow:
         row = self._rows[conversation_id]
         log = self._events[conversation_id]
+        if update.claim is not None and not update.claim.allows(row):
+            raise ConflictError(conversation_id, events[0].seq if events else row.last_seq + 1)
         self._check_seqs(conversation_id, len(log), events)
         log.extend(events)
         new_row = update.apply(row, len(log), now)

@@ -38,7 +38,7 @@ from dynaprompt.errors import ConflictError, NotJSONError, StoreError, StoreUnav
 from dynaprompt.events import Event, Started, event_from_dict
 from dynaprompt.models import State
 from dynaprompt.stores import mask
-from dynaprompt.stores.base import ConversationRow, RowUpdate, ScheduleRow
+from dynaprompt.stores.base import Claim, ConversationRow, RowUpdate, ScheduleRow
 
 __all__ = ["MongoStore"]
 
@@ -289,7 +289,12 @@ class MongoStore:
         stops there), then update the row in one atomic write; the new row.
 
         If another writer took a later sequence number after reading events of ours that were
-        already in, those stay (they are a valid prefix the other writer built on)."""
+        already in, those stay (they are a valid prefix the other writer built on).
+
+        A claim is one more write, first: without a multi-document transaction the lease must be ours
+        before the events go in, or a runner holding it could find its work overtaken."""
+        if update.claim is not None:
+            await self._claim(conversation_id, update.claim, events[0].seq if events else update.claim.last_seq + 1)
         await self._insert_events(conversation_id, events)
         changes: Document = {"updated_at": _us(now)}
         for name in _ROW_UPDATE_FIELDS:
@@ -331,6 +336,22 @@ class MongoStore:
 
             raise UnknownConversationError(conversation_id)
         return _row(found)
+
+    async def _claim(self, conversation_id: str, claim: Claim, seq: int) -> None:
+        """Take the lease if the row is as the claim expects (see ``Claim``), else ``ConflictError``."""
+        query: Document = {
+            "_id": conversation_id, "last_seq": claim.last_seq, "run_seq": claim.run_seq, "parked": False,
+            "needs_advance": False,
+            "$or": [{"lease_until": None}, {"lease_owner": claim.owner}, {"lease_until": {"$lte": _us(claim.now)}}],
+        }  # fmt: skip
+        claimed = await self._retry(
+            "append",
+            lambda: self._rows.find_one_and_update(
+                query, {"$set": {"lease_owner": claim.owner, "lease_until": _us(claim.until)}}, projection={"_id": 1}
+            ),
+        )
+        if claimed is None:
+            raise ConflictError(conversation_id, seq)
 
     async def _insert_events(self, conversation_id: str, events: list[Event]) -> None:
         if not events:

@@ -94,9 +94,10 @@ _UPDATABLE = ("dialog", "state", "wake_at", "run", "run_seq", "result", "error",
 _update_sql: dict[tuple[str, ...], str] = {}
 
 
-def _update_statement(update: RowUpdate) -> tuple[str, list[object]]:
-    """The ``UPDATE ... RETURNING`` that applies ``update`` (as ``RowUpdate.apply`` does) and its parameters
-    after ``last_seq`` and ``updated_at``; the SQL text is cached per set of fields, so sqlite3 reuses it."""
+def _update_statement(update: RowUpdate) -> tuple[str, list[object], list[object]]:
+    """The ``UPDATE ... RETURNING`` that applies ``update`` (as ``RowUpdate.apply`` does), its parameters
+    after ``last_seq`` and ``updated_at``, and those after the id (a claim's conditions); the SQL text is
+    cached per set of fields, so sqlite3 reuses it."""
     names: list[str] = []
     params: list[object] = []
     for name in _UPDATABLE:
@@ -111,24 +112,40 @@ def _update_statement(update: RowUpdate) -> tuple[str, list[object]]:
         elif name in ("parked", "needs_advance"):
             value = int(value)
         params.append(value)
-    if update.release_owner is not None:
+    claim = update.claim
+    conditions: list[object] = []
+    if claim is not None:
+        released = update.release_owner == claim.owner
+        names.append("claim and release" if released else "claim")
+        if not released:
+            params += [claim.owner, _ts(claim.until)]
+        conditions = [claim.last_seq, claim.run_seq, claim.owner, _ts(claim.now)]
+    elif update.release_owner is not None:
         names.append("release")
         params += [update.release_owner, update.release_owner]
     key = tuple(names)
     sql = _update_sql.get(key)
     if sql is None:
-        sets = "".join(
-            ", lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END, "
-            "lease_until = CASE WHEN lease_owner = ? THEN NULL ELSE lease_until END"
-            if name == "release"
-            else f", {name} = ?"
-            for name in names
+        sets = "".join(_SETS.get(name, f", {name} = ?") for name in names)
+        where = (
+            " AND last_seq = ? AND run_seq = ? AND parked = 0 AND needs_advance = 0"
+            " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)"
+            if claim is not None
+            else ""
         )
         sql = _update_sql[key] = (
-            f"UPDATE conversations SET last_seq = MAX(last_seq, ?), updated_at = ?{sets} WHERE id = ? "
+            f"UPDATE conversations SET last_seq = MAX(last_seq, ?), updated_at = ?{sets} WHERE id = ?{where} "
             f"RETURNING {_COLUMNS}"
         )
-    return sql, params
+    return sql, params, conditions
+
+
+_SETS = {
+    "release": ", lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END, "
+    "lease_until = CASE WHEN lease_owner = ? THEN NULL ELSE lease_until END",
+    "claim": ", lease_owner = ?, lease_until = ?",
+    "claim and release": ", lease_owner = NULL, lease_until = NULL",
+}
 
 
 class _Write:
@@ -375,12 +392,14 @@ class SQLiteStore:
     ) -> ConversationRow:
         # The row is changed in SQL (only the fields the update names) and returned by the same statement,
         # so the transaction never reads it first: one UPDATE, the inserts, one commit.
-        sql, params = _update_statement(update)
-        update_params = (events[-1].seq if events else 0, _ts(now), *params, conversation_id)
+        sql, params, conditions = _update_statement(update)
+        update_params = (events[-1].seq if events else 0, _ts(now), *params, conversation_id, *conditions)
         inserts = [(conversation_id, e.seq, event_to_json(e)) for e in events]
 
         def run(db: sqlite3.Connection) -> Any:
             found = db.execute(sql, update_params).fetchone()
+            if found is None and update.claim is not None:  # the row moved: nothing is written
+                raise ConflictError(conversation_id, events[0].seq if events else update.claim.last_seq + 1)
             assert found is not None, f"append to unknown conversation {conversation_id!r}"
             if inserts:
                 db.executemany("INSERT INTO events (conversation_id, seq, body) VALUES (?, ?, ?)", inserts)

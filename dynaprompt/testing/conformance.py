@@ -50,7 +50,7 @@ from dynaprompt.events import (
     Waiting,
 )
 from dynaprompt.models import State
-from dynaprompt.stores.base import ConversationRow, RowUpdate, ScheduleRow, Store
+from dynaprompt.stores.base import Claim, ConversationRow, RowUpdate, ScheduleRow, Store
 
 __all__ = ["StoreFactory", "check_store"]
 
@@ -356,6 +356,48 @@ async def _leases(store: Store) -> None:
     check.row(returned, {"lease_owner": None, "last_seq": 6}, "append(release_owner=...) with no lease held")
 
 
+async def _claims(store: Store) -> None:
+    check = _Checker(store, "append() with RowUpdate(claim=...)")
+    cid = "claimed"
+    await store.create(_row(cid, state="waiting_for_reply"), [_started()])
+
+    def claim(owner: str, last_seq: int, seconds: float, run_seq: int = 1) -> Claim:
+        return Claim(owner=owner, until=at(seconds + 30), now=at(seconds), last_seq=last_seq, run_seq=run_seq)
+
+    async def refused(update: RowUpdate, what: str) -> None:
+        """The claim alone must stop it: the batch starts at the next free sequence number."""
+        before, log = await store.get(cid), await store.load(cid)
+        assert before is not None
+        await check.conflict(store.append(cid, [_sent(before.last_seq + 1)], update, at(50)), cid, what)
+        check.events(await store.load(cid), log, f"the log after {what} (nothing may be written)")
+        check.equal(await store.get(cid), before, f"the row after {what} (nothing may change)")
+
+    returned = await store.append(cid, [_sent(2)], RowUpdate(state="sleeping", claim=claim("a", 1, 10)), at(10))
+    check.row(returned, {"lease_owner": "a", "lease_until": at(40), "last_seq": 2, "state": "sleeping"},
+              "append(claim) of a row as expected (the lease is taken with the events)")  # fmt: skip
+    check.row(await store.get(cid), {"lease_owner": "a", "lease_until": at(40)}, "get() after append(claim)")
+    await refused(RowUpdate(claim=claim("b", 2, 20)), "append(claim) while another owner's lease is live")
+    returned = await store.append(cid, [_sent(3)], RowUpdate(claim=claim("a", 2, 20)), at(20))
+    check.row(returned, {"lease_owner": "a", "lease_until": at(50), "last_seq": 3}, "append(claim) of our own lease")
+    returned = await store.append(cid, [_sent(4)], RowUpdate(claim=claim("b", 3, 60)), at(60))
+    check.row(returned, {"lease_owner": "b", "lease_until": at(90), "last_seq": 4}, "append(claim) of an expired lease")
+    await store.release(cid, "b", None)
+
+    await refused(RowUpdate(claim=claim("a", 3, 100)), "append(claim) when the log moved past last_seq")
+    await refused(RowUpdate(claim=claim("a", 4, 100, run_seq=2)), "append(claim) in another run")
+    await store.append(cid, [], RowUpdate(needs_advance=True), at(100))
+    await refused(RowUpdate(claim=claim("a", 4, 100)), "append(claim) of a row flagged needs_advance")
+    await store.append(cid, [], RowUpdate(needs_advance=False, parked=True), at(100))
+    await refused(RowUpdate(claim=claim("a", 4, 100)), "append(claim) of a parked row")
+    await store.append(cid, [], RowUpdate(parked=False), at(100))
+
+    returned = await store.append(cid, [_sent(5)], RowUpdate(claim=claim("a", 4, 110), release_owner="a"), at(110))
+    check.row(returned, {"lease_owner": None, "lease_until": None, "last_seq": 5},
+              "append(claim, release_owner=<the claimer>) (checked, and the lease left free)")  # fmt: skip
+    check.row(await store.get(cid), {"lease_owner": None, "last_seq": 5}, "get() after append(claim, release)")
+    check.events(await store.load(cid, 1), [_sent(n) for n in (2, 3, 4, 5)], "the log after the claims")
+
+
 async def _due(store: Store) -> None:
     check = _Checker(store, "due() and next_wake_at()")
     now = at(1000)
@@ -517,6 +559,7 @@ _GROUPS: tuple[Callable[[Store], Awaitable[None]], ...] = (
     _conversations,
     _races,
     _schedules,
+    _claims,
 )
 
 
@@ -537,6 +580,9 @@ async def check_store(make_store: StoreFactory) -> None:
       held by another is not; ``release`` checks the owner and ``last_seq``
       (``None``: unconditional); ``RowUpdate.release_owner`` never drops
       another owner's lease, and ``append`` returns the lease as stored;
+    * ``RowUpdate.claim``: the append happens, taking the lease, only while the
+      row is as claimed (last_seq, run, not parked or flagged, lease free, ours
+      or expired); otherwise ``ConflictError`` and nothing written;
     * ``due``: ``wake_at <= now``, ``needs_advance`` or an expired lease,
       never a live lease, soonest first, at most ``limit``; ``next_wake_at``;
       ``conversations(state)``;
