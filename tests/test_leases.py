@@ -211,7 +211,7 @@ async def test_a_warm_turn_takes_its_lease_with_its_first_append(clock: VirtualC
     """Two writes a turn, not three: the claim rides on the append of reply and answer."""
     store = CountsWrites()
     channel = ListChannel()
-    async with Runner(store, channel, clock=clock) as runner:
+    async with Runner(store, channel, clock=clock, cache_size=16) as runner:  # warm even under CACHE_SIZE=0
         await runner.start(echo, "e1")
         store.writes.clear()
         await runner.deliver("e1", "hi")
