@@ -170,6 +170,8 @@ class Leg:
         await self.throughput(url, args.n, args.k)
         self.results["peak_rss_mb"] = rss_mb()
         await self.concurrent_throughput(self.url(), args.n, args.k, args.concurrency)
+        if self.kind == "sqlite" and args.procs > 1:
+            await self.processes_throughput(self.url(), args.n, args.k, args.procs)
         await self.traced_pass(args.n, args.k)
         if self.kind == "sqlite":
             await self.restart(url, args.n, args.k, min(args.live, args.n))
@@ -212,6 +214,35 @@ class Leg:
         self.results["transactions_per_turn_concurrent"] = (
             None if after is None else (after - (committed or 0)) / (n * k)
         )
+
+    async def processes_throughput(self, url: str, n: int, k: int, procs: int) -> None:
+        """The concurrent turns again on a fresh file, split over ``procs`` runner processes sharing it (one
+        per CPU, as a server deploys them; replies routed by conversation, as a load balancer with sticky
+        sessions does). Wall clock from the moment every process is ready until the last one is done."""
+        store = await open_store(url)
+        ids = conversation_ids(n)
+        async with Runner(store, CountingChannel()) as runner:
+            await start_all(runner, ids)
+        await store.close()
+        children = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--part", f"{i}/{procs}", "--url", url, "--n", str(n), "--k", str(k),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )
+            for i in range(procs)
+        ]  # fmt: skip
+        for child in children:
+            assert child.stdout is not None
+            assert (await child.stdout.readline()).strip() == b"ready"
+        began = time.perf_counter()
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+        parts = [json.loads((await child.communicate())[0]) for child in children]
+        took = time.perf_counter() - began
+        self.results["procs"] = procs
+        self.results["turns_per_s_procs"] = n * k / took
+        self.results["turns_per_cpu_s_procs"] = n * k / sum(part["cpu"] for part in parts)
 
     async def traced_pass(self, n: int, k: int) -> None:
         """The same workload again, on a fresh store, wrapped to count commits and traced for the Python heap's
@@ -336,6 +367,18 @@ def raw_sqlite(folder: Path, synchronous: str, seconds: float, cap: int) -> floa
     return count / took, count / cpu
 
 
+async def run_part(url: str, part: str, n: int, k: int) -> None:
+    """One of ``processes_throughput``'s runner processes: its share of the conversations, concurrently."""
+    index, procs = (int(x) for x in part.split("/"))
+    store = await open_store(url)
+    async with Runner(store, CountingChannel()) as runner:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        took, cpu = await run_turns_concurrently(runner, conversation_ids(n)[index::procs], k, 0)
+    await store.close()
+    print(json.dumps({"took": took, "cpu": cpu}), flush=True)
+
+
 # -- the parent: run the legs, print the table -----------------------------------------------------------------
 
 
@@ -371,6 +414,10 @@ def report(args: argparse.Namespace, legs: dict[str, dict[str, Any]]) -> str:
         fmt(lite["turns_per_s_concurrent"], ",.0f"), ">= 5,000", "kill: yes, power loss: no")  # fmt: skip
     row("turns per CPU-second, concurrent", fmt(memory["turns_per_cpu_s_concurrent"], ",.0f"),
         fmt(lite["turns_per_cpu_s_concurrent"], ",.0f"))  # fmt: skip
+    if "procs" in lite:
+        row(f"turns per second, concurrent, {lite['procs']} runner processes on one file", "n/a",
+            fmt(lite["turns_per_s_procs"], ",.0f"), ">= 5,000", "kill: yes, power loss: no")  # fmt: skip
+        row("  turns per CPU-second of those processes", "n/a", fmt(lite["turns_per_cpu_s_procs"], ",.0f"))
     row(f"turns per second, synchronous=FULL, concurrent ({full['concurrency']:,} tasks)", "",
         fmt(full["turns_per_s_concurrent"], ",.0f"), "", "kill: yes, power loss: yes")  # fmt: skip
     row("raw sqlite3 commits per second (NORMAL)", "", fmt(raw["normal"], ",.0f"), "", "kill: yes, power loss: no")
@@ -430,6 +477,7 @@ def report(args: argparse.Namespace, legs: dict[str, dict[str, Any]]) -> str:
         "",
         "A turn = deliver(): reply recorded, two sends recorded, handed off and marked delivered, wait recorded.",
         "Sequential: one deliver() at a time. Concurrent: that many tasks, each doing its conversations' K turns;",
+        "runner processes: the conversations split over that many processes sharing the SQLite file.",
         "SQLite writes ready at the same time share one COMMIT (group commit), each durable before it returns.",
         "Durability: sqlite NORMAL (WAL) survives a process kill, may lose the last commits on power loss;",
         "FULL also survives power loss. memory:// survives neither. Restart and cold resume are reads plus one turn.",
@@ -456,12 +504,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw-seconds", type=float, default=1.0, help="how long each raw sqlite3 run lasts (1.0)")
     parser.add_argument("--dir", type=Path, default=None, help="where the SQLite files go (a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON after the table")
+    parser.add_argument(
+        "--procs", type=int, default=os.cpu_count() or 1, help="runner processes sharing one file (default: 1 per CPU)"
+    )
     parser.add_argument("--leg", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--url", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.part is not None:
+        asyncio.run(run_part(args.url, args.part, args.n, args.k))
+        return
     raw_argv = sys.argv[1:] if argv is None else argv
     with tempfile.TemporaryDirectory(prefix="dynaprompt-bench-", dir=args.dir) as scratch:
         folder = Path(scratch)
