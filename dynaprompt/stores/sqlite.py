@@ -17,6 +17,10 @@ batching (no savepoint; a lease update autocommits on its own), and on
 asyncio it skips the trip through the loop too when no other task is ready to
 run (nobody could join it), so a lone writer pays nothing for the batching.
 
+Checkpoints run every 10,000 WAL pages (SQLite's default is 1,000), and the
+page cache is 16 MiB: fewer syncs of the database file on a busy runner, at
+the price of a WAL file of up to about 40 MB beside the database.
+
 Durability: with ``synchronous=NORMAL`` (the default) a committed write
 survives the process being killed, and may be lost with the last commits on
 power loss; ``?synchronous=full`` in the URL makes every commit survive power
@@ -214,6 +218,11 @@ class SQLiteStore:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
+            # Checkpoint the WAL into the database every 10,000 pages (about 40 MB) instead of 1,000: a
+            # checkpoint syncs the database file, and a page rewritten many times meanwhile is copied once.
+            # The WAL file keeps that size on disk once it has grown to it.
+            self._db.execute("PRAGMA wal_autocheckpoint=10000")
+            self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache (default 2 MiB)
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(url, str(exc)) from exc
