@@ -261,8 +261,8 @@ class Runner:
                     # moved since this runner last wrote (see Claim): one commit a turn fewer. If something
                     # did, the append writes nothing, and the claim-first path below takes over.
                     del self._cache[conversation_id]
-                    claim = Claim(
-                        owner=self.owner, until=now + self.lease, now=now, last_seq=cached.last_seq,
+                    claim = build(
+                        Claim, owner=self.owner, until=now + self.lease, now=now, last_seq=cached.last_seq,
                         run_seq=cached.started.seq,
                     )  # fmt: skip
                     reply = cached.input_reply(text, json_metadata, now)
@@ -866,11 +866,16 @@ def _seconds(value: timedelta | float) -> timedelta:
 
 
 def _status(row: ConversationRow) -> Status:
-    return Status(
+    fields: dict[str, Any] = dict(
         conversation_id=row.id, dialog=row.dialog, state=row.state,
         wake_at=row.wake_at.astimezone(UTC) if row.wake_at is not None else None,
         result=row.result, error=row.error, run=row.run, last_seq=row.last_seq,
     )  # fmt: skip
+    # The row's values are validated already; only a container result is validated again, so the status
+    # gets its own copy.
+    return (
+        build(Status, **fields) if row.result is None or isinstance(row.result, str | int | float) else Status(**fields)
+    )
 
 
 def _iso(value: datetime | None) -> str | None:
