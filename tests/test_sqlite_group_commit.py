@@ -125,3 +125,53 @@ async def test_a_broken_database_raises_store_unavailable_and_commits_nothing(tm
     with pytest.raises(StoreUnavailableError, match="no such table: events"):
         await store.load("c")
     await store.close()
+
+
+async def test_a_write_waits_for_another_connections_lock_without_blocking_the_event_loop(tmp_path: Path) -> None:
+    """Another process (here: a second connection) holds the write lock for 0.3 s. Our append waits on the
+    event loop, which keeps running other tasks, and lands once the lock is free."""
+    store = await _sqlite(tmp_path)
+    await store.create(_row("c1"), [Started(seq=1, at=T0, dialog="m:bot")])
+    other = sqlite3.connect(f"{tmp_path}/bot.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ticks = 0
+    appended = anyio.Event()
+
+    async def tick() -> None:
+        nonlocal ticks
+        while not appended.is_set():
+            ticks += 1
+            await anyio.sleep(0.01)
+
+    async def append() -> None:
+        await store.append("c1", [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)
+        appended.set()
+
+    async def release_later() -> None:
+        await anyio.sleep(0.3)
+        other.execute("COMMIT")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(tick)
+            group.start_soon(release_later)
+            group.start_soon(append)
+    other.close()
+    assert [e.seq for e in await store.load("c1")] == [1, 2]
+    assert ticks >= 10  # the loop ran the ticker all along: about 30 ticks in 0.3 s, none if it was blocked
+    await store.close()
+
+
+async def test_a_lock_held_past_busy_timeout_is_store_unavailable_and_writes_nothing(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path}/bot.db?busy_timeout=0.2")
+    await store.create(_row("c1"), [Started(seq=1, at=T0, dialog="m:bot")])
+    other = sqlite3.connect(f"{tmp_path}/bot.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreUnavailableError, match="locked"):
+        await store.append("c1", [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)
+    other.execute("COMMIT")
+    other.close()
+    assert [e.seq for e in await store.load("c1")] == [1]
+    await store.append("c1", [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)  # and it recovers
+    assert [e.seq for e in await store.load("c1")] == [1, 2]
+    await store.close()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -155,7 +156,7 @@ _SETS = {
 class _Write:
     """One queued write: ``run`` executes its statements on the connection inside the batch's transaction."""
 
-    __slots__ = ("conflict", "error", "log", "result", "run", "single")
+    __slots__ = ("busy", "conflict", "error", "log", "result", "run", "single")
 
     def __init__(
         self,
@@ -171,6 +172,7 @@ class _Write:
         self.conflict = conflict  # what a unique-key IntegrityError means to the caller
         self.result: Any = None
         self.error: BaseException | None = None
+        self.busy = False  # another connection held the write lock: nothing of it ran, try again
 
 
 @dataclass(eq=False)
@@ -188,6 +190,11 @@ def _nothing_else_ready() -> bool:
     except RuntimeError:  # trio
         return False
     return ready is not None and not ready
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """True when another connection holds the lock (SQLITE_BUSY and its extended codes)."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -211,6 +218,10 @@ class SQLiteStore:
         synchronous = options.get("synchronous", "normal").upper()
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise StoreUnavailableError(url, f"synchronous must be normal or full, not {synchronous.lower()!r}")
+        try:
+            self.busy_timeout = float(options.get("busy_timeout", "10"))
+        except ValueError:
+            raise StoreUnavailableError(url, "busy_timeout must be a number of seconds") from None
         self.path = path
         try:
             if path != ":memory:":
@@ -224,6 +235,9 @@ class SQLiteStore:
             self._db.execute("PRAGMA wal_autocheckpoint=10000")
             self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache (default 2 MiB)
             self._db.executescript(_SCHEMA)
+            # From here on a locked database is waited for on the event loop, not inside SQLite (whose busy
+            # handler would sleep with the loop blocked): see _submit and _read.
+            self._db.execute("PRAGMA busy_timeout=0")
         except sqlite3.Error as exc:
             raise StoreUnavailableError(url, str(exc)) from exc
         self._batch: _Batch | None = None
@@ -235,19 +249,49 @@ class SQLiteStore:
         return error
 
     def _fetchone(self, sql: str, params: tuple[object, ...] = ()) -> Any:
-        try:
-            return self._db.execute(sql, params).fetchone()
-        except sqlite3.OperationalError as exc:
-            raise self._unavailable(exc) from exc
+        return self._read(lambda: self._db.execute(sql, params).fetchone())
 
     def _fetchall(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
-        try:
-            return self._db.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            raise self._unavailable(exc) from exc
+        rows: list[Any] = self._read(lambda: self._db.execute(sql, params).fetchall())
+        return rows
+
+    def _read(self, read: Callable[[], Any]) -> Any:
+        """Run a read. In WAL mode a writer never blocks a reader; SQLITE_BUSY comes only in the moments
+        another connection recovers or restarts the WAL, so it is retried here, briefly, in place."""
+        give_up = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return read()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= give_up:
+                    raise self._unavailable(exc) from exc
+                time.sleep(0.001)
 
     async def _submit(self, write: _Write) -> Any:
-        """Queue ``write`` into the open batch (opening one if none) and return its result once committed."""
+        """Run ``write`` (batched with others) and return its result once committed.
+
+        While another connection (another process) holds the write lock, the write waits on the event loop,
+        sleeping 0.5 ms and doubling up to 20 ms, for up to ``busy_timeout`` seconds (10 by default, or
+        ``?busy_timeout=`` in the URL); then ``StoreUnavailableError``."""
+        give_up: float | None = None
+        delay = 0.0005
+        while True:
+            write.busy, write.result, write.error = False, None, None
+            await self._submit_once(write)
+            if not write.busy:
+                break
+            now = time.monotonic()
+            give_up = now + self.busy_timeout if give_up is None else give_up
+            if now >= give_up:
+                raise StoreUnavailableError(self.url, f"the database stayed locked for {self.busy_timeout:g} s")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    async def _submit_once(self, write: _Write) -> None:
+        """Queue ``write`` into the open batch (opening one if none) and return once that batch ran."""
         batch = self._batch
         if batch is not None:  # another task leads this batch: wait for its COMMIT
             batch.writes.append(write)
@@ -276,9 +320,6 @@ class SQLiteStore:
                     self._batch = None
                 if batch.writes:
                     self._flush(batch)
-        if write.error is not None:
-            raise write.error
-        return write.result
 
     def _flush(self, batch: _Batch) -> None:
         """Run a batch in one transaction and settle every write in it (synchronous: nothing joins meanwhile)."""
@@ -311,8 +352,9 @@ class SQLiteStore:
                     raise
                 self.commits += 1
             except sqlite3.Error as exc:  # the whole batch failed (locked, disk I/O, ...): nothing was committed
+                busy = _is_busy(exc)
                 for write in writes:
-                    write.result, write.error = None, self._unavailable(exc)
+                    write.result, write.error, write.busy = None, None if busy else self._unavailable(exc), busy
             except BaseException:
                 for write in writes:
                     if write.error is None:
@@ -346,7 +388,8 @@ class SQLiteStore:
                 raise
             self.commits += 1
         except sqlite3.Error as exc:
-            write.result, write.error = None, self._unavailable(exc)
+            busy = _is_busy(exc)
+            write.result, write.error, write.busy = None, None if busy else self._unavailable(exc), busy
 
     def _run_one(self, write: _Write) -> bool:
         """Run one write's statements; False (its error kept) if they failed on their own: a duplicate key, or
