@@ -198,6 +198,7 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
             if args.trace or args.n == 0:
                 return result
             clock.offset = first_at - timedelta(seconds=args.margin) - SystemClock().now()
+            commits_before = getattr(store, "commits", None)  # SQLite counts its transactions
             cpu_before, wall_before = time.process_time(), time.time()
             with anyio.move_on_after(args.margin + args.spread + args.timeout) as scope:
                 async with anyio.create_task_group() as group:
@@ -207,6 +208,8 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
             result["timed_out"] = scope.cancelled_caught
             # CPU per wake-up is what a core must give; wall time beyond it was spent waiting (I/O, other processes).
             result["cpu_ms_per_wake"] = (time.process_time() - cpu_before) * 1000 / max(1, len(channel.handed))
+            if commits_before is not None:
+                result["commits_per_wake"] = (store.commits - commits_before) / max(1, len(channel.handed))
             result["serve_seconds"] = time.time() - wall_before
             result["load_average"] = os.getloadavg()[0]
             late_ms = sorted((channel.handed[cid] - due[cid]) * 1000 for cid in channel.handed)
@@ -242,7 +245,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; lateness = hand-off wall time - requested instant",
         "",
         f"{'store':<7}{'cache':>6}{'setup s':>9}{'woken':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-        f"{'cpu ms/wake':>12}{'load':>6}  verdict",
+        f"{'cpu ms/wake':>12}{'wakes/cpu s':>12}{'commits/wake':>13}{'load':>6}  verdict",
     ]
     for run in runs:
         if run["trace"] or run["n"] == 0:
@@ -261,6 +264,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
             f"{run['store']:<7}{run['cache_size']:>6}{run['setup_seconds']:>9.1f}{run.get('woken', 0):>8}"
             f"{late.get('p50', float('nan')):>9.1f}{late.get('p99', float('nan')):>9.1f}"
             f"{late.get('max', float('nan')):>9.1f}{run.get('cpu_ms_per_wake', float('nan')):>12.3f}"
+            f"{1000 / run.get('cpu_ms_per_wake', float('nan')):>12.0f}"
+            f"{run.get('commits_per_wake', float('nan')):>13.3f}"
             f"{run.get('load_average', float('nan')):>6.1f}  {verdict}"
         )
     lines += [
@@ -281,7 +286,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     lines += [
         "",
         "cpu ms/wake = this process's CPU time while serving / wake-ups: 1000 / it is the most wake-ups per second",
-        "one core can give; load = the machine's 1-minute load average then (other processes competing for it).",
+        "one core can give (wakes/cpu s); commits/wake = SQLite transactions per wake-up (writes of conversations",
+        "woken together share one); load = the machine's 1-minute load average then (other processes competing).",
         "traced = Python allocations still held once every sleeper sleeps, since a warmed-up baseline (one",
         "sleeper started, one pass run); peak includes the transient garbage of starting them. RSS includes",
         "SQLite's own page cache (bounded by its cache_size pragma); RSS base is taken at that baseline, after",

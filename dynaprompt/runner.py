@@ -16,12 +16,15 @@ import os
 import socket
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 
 from dynaprompt import scheduling
 from dynaprompt.channels.base import Channel
@@ -81,6 +84,8 @@ class Runner:
       left (1 s).
     * ``due_batch``: how many due conversations one pass of ``run_due`` takes
       from the store at a time (256).
+    * ``due_concurrency``: how many due conversations ``run_due`` advances at
+      once (64); their writes share transactions where the store batches them.
 
     The runner never closes a store it was given.
     """
@@ -97,6 +102,7 @@ class Runner:
         lease_seconds: float = 30.0,
         poll_interval: float = 1.0,
         due_batch: int = 256,
+        due_concurrency: int = 64,
         schedule_overlap: str = "skip",
         schedule_missed: str = "run_late",
         schedule_grace: timedelta | float = timedelta(hours=1),
@@ -112,6 +118,9 @@ class Runner:
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_interval = poll_interval
         self.due_batch = due_batch
+        if due_concurrency < 1:
+            raise InvalidInputError(f"due_concurrency must be at least 1, not {due_concurrency!r}")
+        self.due_concurrency = due_concurrency
         if schedule_overlap not in scheduling.OVERLAP_POLICIES:
             raise ScheduleError(
                 f"schedule_overlap must be one of {', '.join(scheduling.OVERLAP_POLICIES)}, not {schedule_overlap!r}"
@@ -322,41 +331,62 @@ class Runner:
 
     async def run_due(self) -> int:
         """Fire every timer and scheduled send that is due now (and pick up stranded work); return how many
-        conversations were advanced."""
+        conversations were advanced.
+
+        Due conversations are advanced concurrently, up to ``due_concurrency`` at a time, taken soonest first
+        (each under its own lease, as always), so their store writes share transactions where the store
+        batches them. A conversation that fails is logged and leaves the others to go on; cancelling
+        ``run_due`` cancels them all, and each releases its lease.
+        """
         now = self.clock.now()
         await scheduling.fire_due(self, now)
-        seen: set[str] = set()
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+            pool = _FirePool(group, self.due_concurrency, self._fire_alone)
+            try:
+                await self._queue_due(pool, now)
+            except Exception as exc:  # the store failed us: what was handed out still finishes, then it is raised
+                failure = exc
+        if failure is not None:
+            raise failure
+        return len(pool.seen)
+
+    async def _queue_due(self, pool: _FirePool, now: datetime) -> None:
+        """Hand ``pool`` everything due at ``now``, a batch at a time, soonest first."""
         if not self._took_over_dead:
             # A process killed mid-advance leaves its lease until it expires, and due() skips leased rows; a
             # restart on the same host takes those over at once (the owner is provably dead), so its
             # half-done advances and unhanded messages do not wait out the lease.
             self._took_over_dead = True
-            for row in await self.store.conversations():
-                if row.lease_owner is not None and _owner_is_dead(row.lease_owner):
-                    seen.add(row.id)
-                    try:
-                        await self._fire(row.id)
-                    except Exception:
-                        log.exception("conversation %r could not be taken over", row.id)
+            rows = await self.store.conversations()
+            pool.add([row.id for row in rows if row.lease_owner and _owner_is_dead(row.lease_owner)], "taken over")
         while True:
-            batch = [cid for cid in await self.store.due(now, self.due_batch + len(seen)) if cid not in seen]
-            if not batch:
-                return len(seen)
-            for conversation_id in batch:
-                seen.add(conversation_id)
-                try:
-                    await self._fire(conversation_id)
-                except NondeterminismError as exc:
-                    log.error("parked: %s", exc)
-                except Exception:
-                    log.exception("conversation %r could not be advanced", conversation_id)
+            await pool.taken()  # the next batch once the workers have taken this one
+            # Padded by what this pass has seen: those still due (failed, or not yet claimed) come first.
+            limit = self.due_batch + len(pool.seen)
+            found = await self.store.due(now, limit)
+            pool.add(found, "advanced")
+            if len(found) < limit:
+                return  # that was everything due at ``now``
+
+    async def _fire_alone(self, conversation_id: str, action: str) -> None:
+        """``_fire`` one conversation of a ``run_due`` pass; its failure is its own (logged)."""
+        try:
+            await self._fire(conversation_id)
+        except NondeterminismError as exc:
+            log.error("parked: %s", exc)
+        except Exception:
+            log.exception("conversation %r could not be %s", conversation_id, action)
 
     async def serve(self) -> None:
         """Fire timers as they fall due, until cancelled.
 
         Sleeps until the earliest wake-up in the store, waking early when
         this runner records an earlier one, and at least every
-        ``poll_interval`` seconds to pick up what other runners left.
+        ``poll_interval`` seconds to pick up what other runners left. Work
+        that stays due after a pass (a channel refused a message, another
+        runner holds the conversation) is retried at the next poll; it does
+        not hold back the wake-ups after it.
         """
         failures = 0
         while True:
@@ -364,7 +394,9 @@ class Runner:
             pass_at = self.clock.now()
             try:
                 await self.run_due()
-                next_at = await self.store.next_wake_at()
+                # Past what this pass saw due: what stayed due waits for the poll, and the sleep is until the
+                # next wake-up after it, not until the poll.
+                next_at = await self.store.next_wake_at(after=pass_at)
             except StoreError as exc:
                 # The database is away: keep trying, backing off, rather than stopping the service.
                 failures += 1
@@ -373,10 +405,9 @@ class Runner:
                 await anyio.sleep(delay)
                 continue
             failures = 0
-            if next_at is not None and next_at <= pass_at:
-                # Due at this pass and still pending (a channel refused a message, or another runner holds it):
-                # retry at the next poll instead of spinning on it.
-                next_at = None
+            if next_at is not None and next_at <= self.clock.now():
+                await anyio.lowlevel.checkpoint()  # fell due during the pass: the next pass, at once
+                continue
             with anyio.move_on_after(self.poll_interval):
                 async with anyio.create_task_group() as group:
 
@@ -524,42 +555,48 @@ class Runner:
     async def _fire(self, conversation_id: str) -> None:
         async with self._lock(conversation_id):
             now = self.clock.now()
-            # Due work usually has a free lease: claim it at once, read the row only when that fails (a dead
-            # holder's lease may then be taken over). One statement per wake-up instead of two.
-            leased = await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
-            if leased is None:
-                row = await self.store.get(conversation_id)
-                if row is None:
-                    return
-                leased = await self._acquire(conversation_id, row, now)
+            try:
+                # Due work usually has a free lease: claim it at once, read the row only when that fails (a dead
+                # holder's lease may then be taken over). One statement per wake-up instead of two.
+                leased = await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
+                if leased is None:
+                    row = await self.store.get(conversation_id)
+                    if row is None:
+                        return
+                    leased = await self._acquire(conversation_id, row, now)
+            except anyio.get_cancelled_exc_class():
+                # The claim may have committed as we were cancelled (a store that batches writes commits a
+                # claim whose caller stopped waiting): drop it, or it would hold the conversation until it expires.
+                await self._abandon(conversation_id)
+                raise
             if leased is None:
                 return
             try:
-                execution = await self._execution(leased)
-            except BaseException:
+                await self._advance_leased(conversation_id, leased)
+            except BaseException:  # failed or cancelled: whatever it was, the lease goes now (a no-op if it went)
                 await self._abandon(conversation_id)
                 raise
-            if leased.parked and not leased.needs_advance:
-                await self._release(conversation_id, execution)
+
+    async def _advance_leased(self, conversation_id: str, leased: ConversationRow) -> None:
+        """``_fire``'s work once it holds the lease: advance the conversation and release it."""
+        execution = await self._execution(leased)
+        if leased.parked and not leased.needs_advance:
+            await self._release(conversation_id, execution)
+            return
+        for _ in range(_MAX_ATTEMPTS):
+            try:
+                await self._advance_and_release(conversation_id, execution, leased)
                 return
-            for _ in range(_MAX_ATTEMPTS):
-                try:
-                    await self._advance_and_release(conversation_id, execution, leased)
+            except ConflictError:
+                # A reply was made durable meanwhile and the failed advance dropped our lease: claim it
+                # again and go on, so that reply is consumed now, not on some later pass.
+                current = await self.store.get(conversation_id)
+                now = self.clock.now()
+                retaken = None if current is None else await self._acquire(conversation_id, current, now)
+                if retaken is None:
                     return
-                except ConflictError:
-                    # A reply was made durable meanwhile and the failed advance dropped our lease: claim it
-                    # again and go on, so that reply is consumed now, not on some later pass.
-                    current = await self.store.get(conversation_id)
-                    now = self.clock.now()
-                    retaken = None if current is None else await self._acquire(conversation_id, current, now)
-                    if retaken is None:
-                        return
-                    leased = retaken
-                    try:
-                        execution = await self._execution(leased)
-                    except BaseException:
-                        await self.store.release(conversation_id, self.owner, None)
-                        raise
+                leased = retaken
+                execution = await self._execution(leased)
 
     async def _execution(self, row: ConversationRow) -> Execution:
         """The conversation's execution, from the cache if it is current, else replayed from the log."""
@@ -811,6 +848,52 @@ class Runner:
         cached = self._cache.pop(conversation_id, None)
         for dropped in {id(x): x for x in (cached, execution) if x is not None}.values():
             await dropped.close()
+
+
+class _FirePool:
+    """``run_due``'s workers: at most ``size`` conversations advanced at once, taken from a queue in due order.
+
+    The workers start together, so their writes move in step and share transactions where the store batches
+    them; each takes the next conversation as soon as it is done with one (a slow one holds up only itself).
+    """
+
+    __slots__ = ("_fire", "_group", "_queue", "_size", "_taken", "_workers", "seen")
+
+    def __init__(self, group: anyio.abc.TaskGroup, size: int, fire: Callable[[str, str], Awaitable[None]]) -> None:
+        self._group = group
+        self._size = size
+        self._fire = fire  # (conversation id, what to call the work in a log line); never raises
+        self._queue: deque[tuple[str, str]] = deque()
+        self._workers = 0
+        self._taken: anyio.Event | None = None
+        self.seen: set[str] = set()
+
+    def add(self, conversation_ids: list[str], action: str) -> None:
+        """Queue the ids not seen before, starting workers for them up to ``size``."""
+        for conversation_id in conversation_ids:
+            if conversation_id not in self.seen:
+                self.seen.add(conversation_id)
+                self._queue.append((conversation_id, action))
+        while self._workers < min(self._size, len(self._queue)):
+            self._workers += 1
+            self._group.start_soon(self._work)
+
+    async def taken(self) -> None:
+        """Return once every queued conversation has been taken by a worker."""
+        if self._queue:
+            self._taken = anyio.Event()
+            await self._taken.wait()
+
+    async def _work(self) -> None:
+        try:
+            while self._queue:
+                conversation_id, action = self._queue.popleft()
+                if not self._queue and self._taken is not None:
+                    self._taken.set()
+                    self._taken = None
+                await self._fire(conversation_id, action)
+        finally:
+            self._workers -= 1
 
 
 class _ConversationLock:

@@ -191,8 +191,9 @@ class Store(Protocol):
     async def due(self, now: datetime, limit: int) -> list[str]:
         """Ids whose ``wake_at <= now`` or that have unconsumed input, lease free or expired, soonest first."""
 
-    async def next_wake_at(self) -> datetime | None:
-        """The earliest ``wake_at`` of any conversation or ``next_at`` of any schedule."""
+    async def next_wake_at(self, *, after: datetime | None = None) -> datetime | None:
+        """The earliest ``wake_at`` of any conversation or ``next_at`` of any schedule; with ``after``, the
+        earliest later than ``after`` (``serve()`` sleeps until it, past work that is due but still pending)."""
 
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:
         """Every conversation's row, optionally only those in ``state``."""

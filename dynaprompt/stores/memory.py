@@ -84,9 +84,11 @@ class MemoryStore:
         rows = sorted((row for row in self._rows.values() if wanted(row)), key=lambda row: row.wake_at or now)
         return [row.id for row in rows[:limit]]
 
-    async def next_wake_at(self) -> datetime | None:
+    async def next_wake_at(self, *, after: datetime | None = None) -> datetime | None:
         times = [row.wake_at for row in self._rows.values() if row.wake_at is not None]
         times += [row.next_at for row in self._schedules.values() if row.next_at is not None]
+        if after is not None:
+            times = [time for time in times if time > after]
         return min(times) if times else None
 
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:

@@ -455,12 +455,14 @@ class MongoStore:
         ids = dict.fromkeys(doc["_id"] for doc in [*attention, *timers])
         return list(ids)[:limit]
 
-    async def next_wake_at(self) -> datetime | None:
+    async def next_wake_at(self, *, after: datetime | None = None) -> datetime | None:
+        later: Document = {"$ne": None} if after is None else {"$gt": _stamp(after)}
+
         async def read() -> list[Document | None]:
             return list(
                 await asyncio.gather(
-                    self._rows.find_one({"wake_at": {"$ne": None}}, {"wake_at": 1}, sort=[("wake_at", ASCENDING)]),
-                    self._schedules.find_one({"next_at": {"$ne": None}}, {"next_at": 1}, sort=[("next_at", ASCENDING)]),
+                    self._rows.find_one({"wake_at": later}, {"wake_at": 1}, sort=[("wake_at", ASCENDING)]),
+                    self._schedules.find_one({"next_at": later}, {"next_at": 1}, sort=[("next_at", ASCENDING)]),
                 )
             )
 

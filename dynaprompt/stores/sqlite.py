@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -515,10 +516,13 @@ class SQLiteStore:
         )
         return [row[0] for row in rows]
 
-    async def next_wake_at(self) -> datetime | None:
+    async def next_wake_at(self, *, after: datetime | None = None) -> datetime | None:
+        # NULL compares as nothing, so "> NULL" would match no row: no ``after`` is the start of time.
+        stamp = -math.inf if after is None else _ts(after)
         found = self._fetchone(
-            "SELECT MIN(at) FROM (SELECT MIN(wake_at) AS at FROM conversations WHERE wake_at IS NOT NULL"
-            " UNION ALL SELECT MIN(next_at) AS at FROM schedules WHERE next_at IS NOT NULL)"
+            "SELECT MIN(at) FROM (SELECT MIN(wake_at) AS at FROM conversations WHERE wake_at > ?"
+            " UNION ALL SELECT MIN(next_at) AS at FROM schedules WHERE next_at > ?)",
+            (stamp, stamp),
         )
         return _dt(found[0]) if found else None
 
