@@ -430,6 +430,9 @@ async def _due(store: Store) -> None:
     check.true(len(limited) == 2 and set(limited) <= wanted, f"due(limit=2) returned {limited}")
 
     check.equal(await store.next_wake_at(), at(-5000), "next_wake_at()")
+    check.equal(await store.next_wake_at(after=at(500)), now, "next_wake_at(after=...) (later than it only)")
+    check.equal(await store.next_wake_at(after=at(-5001)), at(-5000), "next_wake_at(after=...) just before one")
+    check.equal(await store.next_wake_at(after=at(9000)), None, "next_wake_at(after=...) past every wake_at")
     await store.append("wake-earliest", [_sent(2)], RowUpdate(clear=frozenset({"wake_at"})), now)
     check.equal(await store.next_wake_at(), at(100), "next_wake_at() after the earliest wake_at was cleared")
     check.true("wake-earliest" not in await store.due(now, 100), "due() lists a row whose wake_at was cleared")
@@ -526,6 +529,7 @@ async def _schedules(store: Store) -> None:
     check.equal([s.id for s in await store.list_schedules()], ["early", "once", "daily", "spent"],
                 "list_schedules() order (soonest next_at first, none last)")  # fmt: skip
     check.equal(await store.next_wake_at(), at(-60), "next_wake_at() with schedules and no conversations")
+    check.equal(await store.next_wake_at(after=at(-60)), at(60), "next_wake_at(after=...) with schedules")
 
     check.equal([s.id for s in await store.due_schedules(at(60), 10)], ["early", "once"], "due_schedules() at next_at")
     check.equal([s.id for s in await store.due_schedules(at(60), 1)], ["early"], "due_schedules(limit=1)")

@@ -1,0 +1,290 @@
+"""run_due() advances the conversations due at once: each once, soonest first, failures and cancellation local;
+serve() sleeps until the next wake-up even while some work stays due."""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from dynaprompt import ListChannel, Message, Runner, Store, dialog, open_store, send, sleep, sleep_until
+from dynaprompt.errors import InvalidInputError, StoreUnavailableError
+from dynaprompt.stores.base import ConversationRow
+from dynaprompt.stores.memory import MemoryStore
+from dynaprompt.testing import VirtualClock
+
+from .conftest import START
+
+pytestmark = pytest.mark.anyio
+
+
+@dialog(name="tests.run_due:sleeper")
+async def sleeper(wake_at: str):
+    yield sleep_until(datetime.fromisoformat(wake_at))
+    yield send("awake")
+
+
+async def start_sleepers(runner: Runner, count: int, *, shuffle: bool = False) -> list[str]:
+    """``count`` sleepers due one second apart from START + 1 hour; their ids, soonest first."""
+    ids = [f"s{i:03d}" for i in range(count)]
+    order = list(ids)
+    if shuffle:
+        random.Random(4).shuffle(order)
+    for conversation_id in order:
+        wake_at = START + timedelta(hours=1, seconds=int(conversation_id[1:]))
+        await runner.start(sleeper, conversation_id, wake_at.isoformat())
+    return ids
+
+
+def awake_by_conversation(channel: ListChannel) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for message in channel.messages:
+        if message.text == "awake":
+            counts[message.conversation_id] = counts.get(message.conversation_id, 0) + 1
+    return counts
+
+
+class NetworkLikeStore(MemoryStore):
+    """Suspends in every claim and load, as a store that talks to a server does, so the conversations of a
+    run_due pass really interleave; records the order of the claims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims: list[str] = []
+
+    async def acquire(
+        self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
+    ) -> ConversationRow | None:
+        self.claims.append(conversation_id)
+        await anyio.lowlevel.checkpoint()
+        return await super().acquire(conversation_id, owner, until, now, steal_from=steal_from)
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Any]:
+        await anyio.lowlevel.checkpoint()
+        return await super().load(conversation_id, after_seq)
+
+
+async def test_two_runners_advancing_due_conversations_concurrently_wake_each_once(
+    store: Store, clock: VirtualClock
+) -> None:
+    channel = ListChannel()
+    async with (
+        Runner(store, channel, clock=clock, due_concurrency=8, due_batch=5) as first,
+        Runner(store, channel, clock=clock, due_concurrency=8, due_batch=5) as second,
+    ):
+        ids = await start_sleepers(first, 40)
+        clock.advance(timedelta(hours=2))
+        async with anyio.create_task_group() as group:
+            group.start_soon(first.run_due)
+            group.start_soon(second.run_due)
+        assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+        for conversation_id in ids:
+            assert (await first.status(conversation_id)).state == "completed"
+            assert len([e for e in await store.load(conversation_id) if e.kind == "sent"]) == 1
+        assert await store.due(clock.now(), 100) == []
+
+
+async def test_the_writes_of_conversations_woken_together_share_sqlite_transactions(
+    tmp_path: Any, clock: VirtualClock
+) -> None:
+    store = await open_store(f"sqlite:///{tmp_path}/shared.db")
+    try:
+        channel = ListChannel()
+        async with Runner(store, channel, clock=clock, due_concurrency=8) as runner:
+            ids = await start_sleepers(runner, 40)
+            clock.advance(timedelta(hours=2))
+            before = store.commits  # type: ignore[attr-defined]
+            assert await runner.run_due() == 40
+            commits = store.commits - before  # type: ignore[attr-defined]
+        assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+        # One at a time, each wake-up commits three times (claim, the message, its hand-off): 120 in all.
+        assert commits <= 40 // 8 * 3 + 3
+    finally:
+        await store.close()
+
+
+async def test_due_conversations_are_taken_soonest_first(clock: VirtualClock) -> None:
+    store = NetworkLikeStore()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, due_concurrency=3, due_batch=4) as runner:
+        ids = await start_sleepers(runner, 12, shuffle=True)
+        store.claims.clear()
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 12
+    assert store.claims == ids
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+
+
+async def test_run_due_takes_batch_after_batch_until_nothing_due_is_left(
+    store: Store, clock: VirtualClock, cache_size: int
+) -> None:
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=cache_size, due_batch=3, due_concurrency=2) as runner:
+        ids = await start_sleepers(runner, 10)
+        clock.advance(timedelta(hours=1, seconds=6.5))  # the first seven are due, the last three not yet
+        assert await runner.run_due() == 7
+        assert awake_by_conversation(channel) == dict.fromkeys(ids[:7], 1)
+        clock.advance(timedelta(hours=1))
+        assert await runner.run_due() == 3
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+
+
+class BrokenForOne(NetworkLikeStore):
+    """Fails to load one conversation, as a store whose read of it fails would."""
+
+    def __init__(self, broken: str) -> None:
+        super().__init__()
+        self.broken: str | None = broken
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Any]:
+        await anyio.lowlevel.checkpoint()
+        if conversation_id == self.broken:
+            raise StoreUnavailableError("memory://broken", f"cannot read {conversation_id}")
+        return await super().load(conversation_id, after_seq)
+
+
+async def test_one_failing_conversation_does_not_stop_the_others_woken_with_it(
+    clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = BrokenForOne("s004")
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4, lease_seconds=3600) as runner:
+        ids = await start_sleepers(runner, 10)
+        clock.advance(timedelta(hours=2))
+        with caplog.at_level(logging.ERROR, logger="dynaprompt"):
+            assert await runner.run_due() == 10
+        assert awake_by_conversation(channel) == {cid: 1 for cid in ids if cid != "s004"}
+        assert any("s004" in record.getMessage() for record in caplog.records)
+        row = await store.get("s004")
+        assert row is not None
+        assert row.lease_owner is None  # released at once, not held for the hour
+        assert "s004" in await store.due(clock.now(), 10)  # still due: the next pass tries it again
+        store.broken = None
+        assert await runner.run_due() == 1
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+
+
+class StuckInLoad(NetworkLikeStore):
+    """Every load waits until ``unstuck`` is set; ``stuck`` counts the conversations waiting there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = 0
+        self.all_stuck = anyio.Event()
+        self.expected = 0
+        self.unstuck = anyio.Event()
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Any]:
+        if not self.unstuck.is_set():
+            self.stuck += 1
+            if self.stuck == self.expected:
+                self.all_stuck.set()
+            await self.unstuck.wait()
+        return await super().load(conversation_id, after_seq)
+
+
+async def test_cancelling_run_due_releases_every_lease_it_holds(clock: VirtualClock) -> None:
+    store = StuckInLoad()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4, lease_seconds=3600) as runner:
+        store.unstuck.set()
+        ids = await start_sleepers(runner, 10)
+        store.unstuck = anyio.Event()
+        store.expected = 4
+        clock.advance(timedelta(hours=2))
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.run_due)
+            await store.all_stuck.wait()  # four conversations claimed and being advanced
+            group.cancel_scope.cancel()
+        assert [row.id for row in await store.conversations() if row.lease_owner is not None] == []
+        assert channel.messages == []
+        store.unstuck.set()
+        assert await runner.run_due() == 10
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+
+
+class ClaimOutlivesItsCaller(MemoryStore):
+    """Commits a claim, then suspends before returning it (a batched write whose caller is cancelled after the
+    batch committed); ``claimed`` is set then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.claimed = anyio.Event()
+
+    async def acquire(
+        self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
+    ) -> ConversationRow | None:
+        row = await super().acquire(conversation_id, owner, until, now, steal_from=steal_from)
+        if self.armed:
+            self.claimed.set()
+            await anyio.sleep_forever()
+        return row
+
+
+async def test_a_claim_that_committed_as_its_fire_was_cancelled_is_released(clock: VirtualClock) -> None:
+    store = ClaimOutlivesItsCaller()
+    async with Runner(store, ListChannel(), clock=clock, lease_seconds=3600) as runner:
+        await start_sleepers(runner, 1)
+        clock.advance(timedelta(hours=2))
+        store.armed = True
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.run_due)
+            await store.claimed.wait()
+            group.cancel_scope.cancel()
+    row = await store.get("s000")
+    assert row is not None
+    assert row.lease_owner is None  # not left for an hour
+
+
+def test_due_concurrency_must_be_at_least_one() -> None:
+    with pytest.raises(InvalidInputError, match="due_concurrency"):
+        Runner(MemoryStore(), due_concurrency=0)
+
+
+class RefusesOne(ListChannel):
+    """Refuses every message of one conversation (a channel that is down for that user)."""
+
+    def __init__(self, refused: str) -> None:
+        super().__init__()
+        self.refused = refused
+        self.arrived = anyio.Event()
+
+    async def deliver(self, message: Message) -> None:
+        if message.conversation_id == self.refused:
+            raise ConnectionError("that user's chat is down")
+        await super().deliver(message)
+        self.arrived.set()
+
+
+@dialog(name="tests.run_due:napper")
+async def napper(minutes: int):
+    yield sleep(timedelta(minutes=minutes))
+    yield send("awake")
+
+
+async def test_work_left_due_does_not_hold_back_the_next_wake_up_of_serve(
+    store: Store, clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = RefusesOne("refused")
+    # A poll interval far beyond the guard: only sleeping until the next wake-up can make serve() fire in time.
+    async with Runner(store, channel, clock=clock, poll_interval=3600) as runner:
+        await runner.start(napper, "refused", 1)
+        await runner.start(napper, "later", 60)
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.serve)
+            await anyio.wait_all_tasks_blocked()
+            with caplog.at_level(logging.CRITICAL, logger="dynaprompt"):
+                clock.advance(timedelta(minutes=2))  # "refused" falls due; its message is refused and stays due
+                await anyio.wait_all_tasks_blocked()
+            assert (await runner.status("refused")).wake_at is not None
+            clock.advance(timedelta(hours=1))
+            with anyio.fail_after(5):
+                await channel.arrived.wait()
+            group.cancel_scope.cancel()
+    assert [(m.conversation_id, m.text) for m in channel.messages] == [("later", "awake")]
