@@ -162,12 +162,16 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
     url = store_url(args.store, folder, args.mongo_uri, f"n{args.n}-cache{args.cache_size}-trace{int(args.trace)}")
     store = await open_store(url)
     result: dict[str, Any] = {"store": args.store, "n": args.n, "cache_size": args.cache_size, "trace": args.trace}
+    options: dict[str, Any] = {"cache_size": args.cache_size}
+    if args.due_concurrency:
+        options["due_concurrency"] = result["due_concurrency"] = int(args.due_concurrency)
     try:
         if args.trace:
             tracemalloc.start()
         clock = ShiftedClock()
         channel = StopwatchChannel(args.n, clock)
-        async with Runner(store, channel, clock=clock, cache_size=args.cache_size) as runner:
+        async with Runner(store, channel, clock=clock, **options) as runner:
+            result.setdefault("due_concurrency", getattr(runner, "due_concurrency", 1))  # 1: one after another
             # Due a day from now; once all sleep, the clock is moved so the first is due --margin seconds later.
             first_at = clock.now() + timedelta(days=1)
             plan = plan_sleepers(args.n, first_at, args.spread)
@@ -244,7 +248,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         "woken by Runner.serve() on the system clock",
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; lateness = hand-off wall time - requested instant",
         "",
-        f"{'store':<7}{'cache':>6}{'setup s':>9}{'woken':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        f"{'store':<7}{'cache':>6}{'conc':>5}{'setup s':>9}{'woken':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
         f"{'cpu ms/wake':>12}{'wakes/cpu s':>12}{'commits/wake':>13}{'load':>6}  verdict",
     ]
     for run in runs:
@@ -261,7 +265,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
             if run["early"]:
                 verdict += f"; {run['early']} EARLY"
         lines.append(
-            f"{run['store']:<7}{run['cache_size']:>6}{run['setup_seconds']:>9.1f}{run.get('woken', 0):>8}"
+            f"{run['store']:<7}{run['cache_size']:>6}{run.get('due_concurrency', 1):>5}"
+            f"{run['setup_seconds']:>9.1f}{run.get('woken', 0):>8}"
             f"{late.get('p50', float('nan')):>9.1f}{late.get('p99', float('nan')):>9.1f}"
             f"{late.get('max', float('nan')):>9.1f}{run.get('cpu_ms_per_wake', float('nan')):>12.3f}"
             f"{1000 / run.get('cpu_ms_per_wake', float('nan')):>12.0f}"
@@ -307,6 +312,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run on MongoDB at this URI (default: $DYNAPROMPT_TEST_MONGODB_URI)",
     )  # fmt: skip
     parser.add_argument("--cache", default="0,1024", help="cache sizes to run, comma-separated (default 0,1024)")
+    parser.add_argument(
+        "--due-concurrency", default="",
+        help="Runner(due_concurrency=...) values to run, comma-separated, e.g. 1,64 (default: the runner's default)",
+    )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the traced memory runs")
     parser.add_argument("--dir", default=None, help="where the SQLite files go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON after the table")
@@ -332,13 +341,17 @@ def main(argv: list[str] | None = None) -> None:
                 common += ["--spread", str(args.spread), "--margin", str(args.margin), "--timeout", str(args.timeout)]
                 if args.mongo_uri:
                     common += ["--mongo-uri", args.mongo_uri]
-                runs.append(run_child([*common, "--n", str(args.n)]))
+                timed = [
+                    run_child([*common, "--n", str(args.n), *(["--due-concurrency", size] if size else [])])
+                    for size in args.due_concurrency.split(",")
+                ]
+                runs += timed
                 if not args.no_memory:
                     runs.append(run_child([*common, "--n", "0", "--trace"]))
                     runs.append(run_child([*common, "--n", str(args.n), "--trace"]))
                 else:
                     runs.append(run_child([*common, "--n", "0"]))
-                    runs.append({**runs[-2], "trace": True})
+                    runs.append({**timed[0], "trace": True})
     print(report(args, runs))
     if args.json:
         print(json.dumps(runs, indent=2))
