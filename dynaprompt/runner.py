@@ -137,6 +137,10 @@ class Runner:
         self._cache: OrderedDict[str, Execution] = OrderedDict()
         self._locks: dict[str, deque[anyio.Event]] = {}  # conversations being worked on: their waiters
         self._changed = anyio.Event()
+        # What serve() plans to sleep until (None: not sleeping on a plan, so any new wake-up wakes it), and the
+        # earliest future wake-up this runner recorded since serve's pass began: see _note_wake.
+        self._serve_until: datetime | None = None
+        self._noted_wake: datetime | None = None
         self._carried: dict[str, tuple[tuple[Any, ...], tuple[Any, BaseException | None, int]]] = {}
         self._took_over_dead = False  # run_due() looks once for leases left by dead processes on this host
 
@@ -388,10 +392,19 @@ class Runner:
         runner holds the conversation) is retried at the next poll; it does
         not hold back the wake-ups after it.
         """
+        try:
+            await self._serve()
+        finally:
+            self._serve_until = None
+
+    async def _serve(self) -> None:
         failures = 0
         while True:
             self._changed = anyio.Event()
             pass_at = self.clock.now()
+            # During the pass, wake-ups recorded here are not signalled: the query after the pass sees them
+            # (and _noted_wake covers those recorded while it runs).
+            self._serve_until, self._noted_wake = pass_at, None
             try:
                 await self.run_due()
                 # Past what this pass saw due: what stayed due waits for the poll, and the sleep is until the
@@ -405,6 +418,10 @@ class Runner:
                 await anyio.sleep(delay)
                 continue
             failures = 0
+            noted = self._noted_wake
+            if noted is not None and (next_at is None or noted < next_at):
+                next_at = noted
+            self._serve_until = next_at  # None (nothing planned): any wake-up recorded from now on wakes serve
             if next_at is not None and next_at <= self.clock.now():
                 await anyio.lowlevel.checkpoint()  # fell due during the pass: the next pass, at once
                 continue
@@ -757,12 +774,19 @@ class Runner:
             await self._forget(conversation_id, execution)
             raise
         self._carried.pop(conversation_id, None)
-        # Wake serve() early only for a wake-up it may be sleeping past. One due now is a message this very
-        # advance hands over next (or a channel refused it, which serve retries at its next poll): waking for
-        # it cost every woken sleeper a second, empty pass of the serve loop.
         if wake_at is not None and wake_at > now:
-            self._changed.set()
+            self._note_wake(wake_at)
         return written
+
+    def _note_wake(self, wake_at: datetime) -> None:
+        """Wake serve() early only for a wake-up it would sleep past: one before what it plans to sleep until.
+        (One due now is a message the advance hands over next, or one a channel refused, which serve retries
+        at its next poll; one after serve's plan is found by its next pass. Waking for either cost an empty
+        pass of the serve loop per advance.)"""
+        if self._noted_wake is None or wake_at < self._noted_wake:
+            self._noted_wake = wake_at
+        if self._serve_until is None or wake_at < self._serve_until:
+            self._changed.set()
 
     async def _hand_off(
         self, conversation_id: str, execution: Execution, now: datetime, *, release: bool = False

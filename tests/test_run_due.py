@@ -12,7 +12,18 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from dynaprompt import ListChannel, Message, Runner, Store, dialog, open_store, send, sleep, sleep_until
+from dynaprompt import (
+    ListChannel,
+    Message,
+    Runner,
+    Store,
+    dialog,
+    open_store,
+    send,
+    sleep,
+    sleep_until,
+    wait_for_reply,
+)
 from dynaprompt.errors import InvalidInputError, StoreUnavailableError
 from dynaprompt.stores.base import ConversationRow
 from dynaprompt.stores.memory import MemoryStore
@@ -288,3 +299,45 @@ async def test_work_left_due_does_not_hold_back_the_next_wake_up_of_serve(
                 await channel.arrived.wait()
             group.cancel_scope.cancel()
     assert [(m.conversation_id, m.text) for m in channel.messages] == [("later", "awake")]
+
+
+class CountsPasses(Runner):
+    passes = 0
+
+    async def run_due(self) -> int:
+        self.passes += 1
+        return await super().run_due()
+
+
+@dialog(name="tests.run_due:asks")
+async def asks(minutes: int):
+    yield send("Still there?")
+    reply = yield wait_for_reply(timeout=timedelta(minutes=minutes))
+    yield send("Bye." if reply is None else "Hi.")
+
+
+@pytest.mark.parametrize(("minutes", "extra_passes"), [(120, 0), (30, 1)])
+async def test_serve_wakes_early_only_for_a_wake_up_before_the_one_it_sleeps_until(
+    clock: VirtualClock, minutes: int, extra_passes: int
+) -> None:
+    """serve() sleeps until a sleeper's wake-up in an hour. A conversation that then records a timeout in two
+    hours does not wake it (its next pass finds that one); one in 30 minutes does, so serve re-plans. Either
+    timeout fires on time."""
+    store = await open_store("memory://")
+    channel = ListChannel()
+    async with CountsPasses(store, channel, clock=clock, poll_interval=3600) as runner:
+        await start_sleepers(runner, 1)
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.serve)
+            await anyio.wait_all_tasks_blocked()
+            before = runner.passes
+            await runner.start(asks, "q1", minutes)
+            await anyio.wait_all_tasks_blocked()
+            assert runner.passes - before == extra_passes
+            for _ in range(2):  # past the sleeper's wake-up and the timeout, whichever comes first
+                clock.advance(timedelta(minutes=61))
+                await anyio.wait_all_tasks_blocked()
+            group.cancel_scope.cancel()
+        status = await runner.status("q1")
+    assert status.state == "completed"
+    assert channel.texts("q1") == ["Still there?", "Bye."]
