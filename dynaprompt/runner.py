@@ -572,6 +572,18 @@ class Runner:
     async def _fire(self, conversation_id: str) -> None:
         async with self._lock(conversation_id):
             now = self.clock.now()
+            cached = self._cache.pop(conversation_id, None)
+            if cached is not None:
+                # Warm, as in deliver(): advance first, and let the first append take the lease if nothing moved.
+                claim = build(
+                    Claim, owner=self.owner, until=now + self.lease, now=now, last_seq=cached.last_seq,
+                    run_seq=cached.started.seq,
+                )  # fmt: skip
+                try:
+                    await self._advance_and_release(conversation_id, cached, claim=claim)
+                    return
+                except ConflictError:
+                    now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
             try:
                 # Due work usually has a free lease: claim it at once, read the row only when that fails (a dead
                 # holder's lease may then be taken over). One statement per wake-up instead of two.

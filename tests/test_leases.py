@@ -256,3 +256,25 @@ async def test_a_warm_turn_never_writes_under_a_live_lease_of_another_runner(sto
         await store.release("e1", "b", None)
         await a.run_due()
     assert channel.texts() == ["echo hi"]
+
+
+@dialog(name="tests.leases:nap")
+async def nap():
+    yield sleep("1 hour")
+    yield send("awake")
+    yield wait_for_reply()
+
+
+async def test_a_warm_timer_wake_up_takes_its_lease_with_its_first_append(clock: VirtualClock) -> None:
+    store = CountsWrites()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=16) as runner:
+        await runner.start(nap, "n1")
+        store.writes.clear()
+        clock.advance(3600)
+        await runner.run_due()
+        row = await store.get("n1")
+    assert store.writes == ["append+claim", "append"]  # timer fired + send + waiting, then delivered + release
+    assert channel.texts() == ["awake"]
+    assert row is not None
+    assert (row.lease_owner, row.state) == (None, "waiting_for_reply")

@@ -25,7 +25,7 @@ from dynaprompt import (
     wait_for_reply,
 )
 from dynaprompt.errors import InvalidInputError, StoreUnavailableError
-from dynaprompt.stores.base import ConversationRow
+from dynaprompt.stores.base import ConversationRow, RowUpdate
 from dynaprompt.stores.memory import MemoryStore
 from dynaprompt.testing import VirtualClock
 
@@ -78,6 +78,14 @@ class NetworkLikeStore(MemoryStore):
     async def load(self, conversation_id: str, after_seq: int = 0) -> list[Any]:
         await anyio.lowlevel.checkpoint()
         return await super().load(conversation_id, after_seq)
+
+    async def append(
+        self, conversation_id: str, events: list[Any], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        if update.claim is not None:  # a warm conversation claims its lease with its first append
+            self.claims.append(conversation_id)
+            await anyio.lowlevel.checkpoint()
+        return await super().append(conversation_id, events, update, now)
 
 
 async def test_two_runners_advancing_due_conversations_concurrently_wake_each_once(
