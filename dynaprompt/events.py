@@ -209,6 +209,10 @@ _E = TypeVar("_E", bound=BaseModel)
 _TEMPLATES: dict[type[BaseModel], dict[str, Any]] = {}
 _new = object.__new__
 _set = object.__setattr__
+# BaseModel's own slots, set through their descriptors: cheaper than object.__setattr__ looking each one up.
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
 def build(cls: type[_E], /, **values: Any) -> _E:
@@ -227,9 +231,9 @@ def build(cls: type[_E], /, **values: Any) -> _E:
         }
     event = _new(cls)
     _set(event, "__dict__", {**template, **values})
-    _set(event, "__pydantic_fields_set__", set(values))
-    _set(event, "__pydantic_extra__", None)
-    _set(event, "__pydantic_private__", None)
+    _set_fields_set(event, set(values))
+    _set_extra(event, None)
+    _set_private(event, None)
     return event
 
 
