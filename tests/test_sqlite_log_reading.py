@@ -78,6 +78,19 @@ async def test_a_sound_log_is_validated_in_one_call(
     assert await store.load("c1", 4) == expected[4:]
 
 
+async def test_the_order_of_the_joined_bodies_is_checked_not_assumed(
+    logged: tuple[SQLiteStore, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = logged
+    expected = await store.load("c1")
+    reversed_order = (
+        "SELECT count(*), max(seq), group_concat(body, ',') FROM "
+        "(SELECT seq, body FROM events WHERE conversation_id = ? AND seq > ? ORDER BY seq DESC)"
+    )
+    monkeypatch.setattr("dynaprompt.stores.sqlite._LOAD_JOINED", reversed_order)
+    assert await store.load("c1") == expected
+
+
 async def test_a_body_that_is_not_json_is_named(logged: tuple[SQLiteStore, sqlite3.Connection]) -> None:
     store, database = logged
     set_body(database, 3, "{garbage")
