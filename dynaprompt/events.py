@@ -275,7 +275,9 @@ def log_from_json(text: str, first_seq: int, count: int) -> list[Event] | None:
 
     The events, if they are exactly ``count``, numbered ``first_seq``, ``first_seq + 1``, ... in that order;
     else None: the caller then validates the bodies one by one (:func:`event_from_json`) to name the bad one.
-    A body that is bad alone, or holds several values, never passes here as one element with the right seq.
+    A body that is bad alone, or holds several values, changes the count or the seqs and so falls back,
+    unless several bodies are damaged so as to make up for each other exactly (as a writer of valid events
+    could as well: what is checked is that each event is valid and in its place).
     """
     try:
         with _collector_paused(promote=count >= _PROMOTED_FROM):
