@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, JsonValue
 
 from dynaprompt.errors import InvalidInputError, NotTextError
+from dynaprompt.events import build
 
 __all__ = [
     "Call",
@@ -183,6 +184,14 @@ class SetTimezone(Effect):
         return f"set_timezone({self.zone!r})"
 
 
+# The constructors below build an effect without validating it again when every value already has its field's
+# exact type (``events.build``): replaying a long log runs a dialog's code, and so these, once per recorded
+# effect. Any other value goes through the validating constructor, as before. Effects without fields (or with
+# their defaults) are immutable, so one instance serves every call.
+_WAIT_FOR_REPLY = WaitForReply(timeout=None)
+_NOW = Now()
+
+
 def send(
     text: str,
     *,
@@ -201,6 +210,8 @@ def send(
     """
     if not isinstance(text, str):
         raise NotTextError(text)
+    if at is None and not metadata and type(text) is str and (to is None or type(to) is str):
+        return build(Send, text=text, at=None, to=to, metadata={})  # the common case: nothing to validate
     if at is not None and not isinstance(at, datetime | str):
         raise InvalidInputError(f"send(at=...) takes a datetime or a string, not {type(at).__name__}")
     return Send(text=text, at=at, to=to, metadata=metadata or {})
@@ -214,6 +225,8 @@ def wait_for_reply(*, timeout: DurationSpec | None = None) -> WaitForReply:
     Replies that arrived while the dialog was busy are queued and consumed in
     the order the store recorded them.
     """
+    if timeout is None:
+        return _WAIT_FOR_REPLY
     return WaitForReply(timeout=timeout)
 
 
@@ -224,17 +237,21 @@ def sleep_until(when: TimeSpec) -> SleepUntil:
     conversation's time zone, and the instant is recorded; the result is that
     instant. A past instant returns at once.
     """
+    if type(when) is str or type(when) is datetime:
+        return build(SleepUntil, when=when)
     return SleepUntil(when=when)
 
 
 def sleep(duration: DurationSpec) -> Sleep:
     """Sleep for ``duration`` (a timedelta, seconds, or ``"90 minutes"``); the result is the wake instant."""
+    if type(duration) is str or type(duration) is timedelta or type(duration) is float:
+        return build(Sleep, duration=duration)
     return Sleep(duration=duration)
 
 
 def now() -> Now:
     """The current instant (aware), recorded so that replay sees the same value."""
-    return Now()
+    return _NOW
 
 
 def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Call:
@@ -249,7 +266,7 @@ def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Call:
     """
     if not callable(fn):
         raise InvalidInputError(f"call() needs a callable, not {type(fn).__name__}")
-    return Call(fn=fn, arguments=args, keywords=kwargs)
+    return build(Call, fn=fn, arguments=args, keywords=kwargs)  # the call's own tuple and dict
 
 
 def finish(value: JsonValue = None) -> Finish:
@@ -259,6 +276,8 @@ def finish(value: JsonValue = None) -> Finish:
 
 def cancel(message_id: str) -> Cancel:
     """Cancel a scheduled ``send`` not yet delivered; the result is ``True`` if it was cancelled."""
+    if type(message_id) is str:
+        return build(Cancel, message_id=message_id)
     return Cancel(message_id=message_id)
 
 
@@ -268,4 +287,6 @@ def set_timezone(zone: str) -> SetTimezone:
     >>> set_timezone("Europe/London").zone
     'Europe/London'
     """
+    if type(zone) is str:
+        return build(SetTimezone, zone=zone)
     return SetTimezone(zone=zone)

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
@@ -81,6 +82,8 @@ _REPLAYED_ERRORS: dict[str, type[DynapromptError]] = {
     "NotJSONError": NotJSONError,
 }
 _ENDED = ("completed", "failed")
+_seq_of = attrgetter("seq")
+_kind_of = attrgetter("kind")
 _TIME_FIELDS = {"send": "at", "wait_for_reply": "timeout", "sleep": "duration", "sleep_until": "when"}
 
 
@@ -149,11 +152,21 @@ class Execution:
 
     def extend(self, events: list[Event]) -> None:
         """Add events that follow the log read so far (recorded ones, or new inputs)."""
-        append = self.log.append
         last_seq = self.last_seq
+        start = 0
+        while start < len(events) and events[start].seq <= last_seq:
+            start += 1
+        taken = events[start:] if start else events
+        # The usual case, a run of consecutive seqs (a whole log after a load), checked and counted in C loops.
+        if list(map(_seq_of, taken)) == list(range(last_seq + 1, last_seq + 1 + len(taken))):
+            self.log.extend(taken)
+            self.last_seq = last_seq + len(taken)
+            self.effect_events += len(taken) - sum(map(INPUT_KINDS.__contains__, map(_kind_of, taken)))
+            return
+        append = self.log.append
         effect_events = 0
         try:
-            for event in events:
+            for event in taken:
                 seq = event.seq
                 if seq <= last_seq:
                     continue
@@ -248,18 +261,27 @@ class Execution:
                 self._feed = None
                 frame = self.frames[-1]
                 if not frame.is_async:  # the common case, stepped without a coroutine per effect
-                    try:
-                        effect = frame.step(*feed)
-                    except Done as done:
-                        await frame.close()
-                        await self._frame_ended(done.value, None, now)
-                    except NondeterminismError:
-                        raise
-                    except Exception as raised:  # the dialog's own code raised
-                        await frame.close()
-                        await self._frame_ended(None, raised, now)
-                    else:
-                        self._handle(effect, now)
+                    step, handle = frame.step, self._handle
+                    # Effect after effect for as long as each one's result is at hand (a replayed send, a wait
+                    # answered by the next recorded reply); anything else goes round the loop above.
+                    while True:
+                        try:
+                            effect = step(*feed)
+                        except Done as done:
+                            await frame.close()
+                            await self._frame_ended(done.value, None, now)
+                            break
+                        except NondeterminismError:
+                            raise
+                        except Exception as raised:  # the dialog's own code raised
+                            await frame.close()
+                            await self._frame_ended(None, raised, now)
+                            break
+                        handle(effect, now)
+                        feed = self._feed
+                        if feed is None or self._pending is not None or self.frames[-1] is not frame:
+                            break
+                        self._feed = None
                     continue
                 await self._step(*feed, now)
                 continue
@@ -349,6 +371,20 @@ class Execution:
                 self.outbox[mid] = recorded  # type: ignore[assignment]
                 self._feed = (mid, None)
             elif kind == "waiting" and effect_type is WaitForReply:
+                # The usual wait: no reply queued, and the next recorded input other than deliveries is a reply
+                # that answers it. Consumed here, as _resolve_pending would do at once; anything else is left
+                # to it, from where this stopped.
+                if not self.inbox:
+                    while cursor < end and log[cursor].kind == "delivered":
+                        self.outbox.pop(log[cursor].message_id, None)  # type: ignore[union-attr]
+                        cursor += 1
+                    self.cursor = cursor
+                    if cursor < end:
+                        reply = log[cursor]
+                        if reply.kind == "reply" and _answers(recorded, reply):  # type: ignore[arg-type]
+                            self.cursor = cursor + 1
+                            self._feed = (self._reply(reply), None)
+                            return
                 self._pending = recorded  # type: ignore[assignment]
             else:
                 self._check_match(recorded, effect)

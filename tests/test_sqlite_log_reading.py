@@ -1,0 +1,204 @@
+"""The SQLite store reads a log back in one validation call, and still names the bad row of a damaged one.
+
+A load joins the stored bodies into one JSON array and validates it at once; whatever does not add up (a body
+that is not one event, a body at the wrong row, a missing row) is read again row by row, which raises
+``CorruptEventError`` naming the conversation and the seq, as each row validated alone always did.
+"""
+
+from __future__ import annotations
+
+import gc
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from dynaprompt import CorruptEventError, Runner, dialog, open_store, send, wait_for_reply
+from dynaprompt.events import event_to_json, events_from_json, log_from_json
+from dynaprompt.stores.sqlite import SQLiteStore
+from dynaprompt.testing import VirtualClock
+
+pytestmark = pytest.mark.anyio
+
+
+@dialog(name="tests:echo")
+def echo():  # type: ignore[no-untyped-def]
+    while True:
+        reply = yield wait_for_reply()
+        yield send(f"echo {reply.text}")
+
+
+@pytest.fixture
+async def logged(tmp_path: Path, clock: VirtualClock) -> AsyncIterator[tuple[SQLiteStore, sqlite3.Connection]]:
+    """A store holding conversation "c1" with a log of ten events, and a second connection to change rows."""
+    store = await open_store(f"sqlite:///{tmp_path}/bot.db")
+    assert isinstance(store, SQLiteStore)
+    async with Runner(store, clock=clock) as runner:
+        await runner.start(echo, "c1")
+        await runner.deliver("c1", "one")
+        await runner.deliver("c1", "two")
+    database = sqlite3.connect(f"{tmp_path}/bot.db", isolation_level=None)
+    assert database.execute("SELECT count(*) FROM events WHERE conversation_id = 'c1'").fetchone() == (10,)
+    yield store, database
+    database.close()
+    await store.close()
+
+
+def body(database: sqlite3.Connection, seq: int) -> str:
+    (text,) = database.execute("SELECT body FROM events WHERE conversation_id = 'c1' AND seq = ?", (seq,)).fetchone()
+    return str(text)
+
+
+def set_body(database: sqlite3.Connection, seq: int, text: str) -> None:
+    database.execute("UPDATE events SET body = ? WHERE conversation_id = 'c1' AND seq = ?", (text, seq))
+
+
+async def test_a_log_reads_back_as_it_was_written(logged: tuple[SQLiteStore, sqlite3.Connection]) -> None:
+    store, database = logged
+    events = await store.load("c1")
+    assert [event.seq for event in events] == list(range(1, 11))
+    assert [event_to_json(event) for event in events] == [body(database, seq) for seq in range(1, 11)]
+    assert [event.seq for event in await store.load("c1", 7)] == [8, 9, 10]
+    assert await store.load("c1", 10) == []
+    assert await store.load("nobody") == []
+
+
+async def test_a_sound_log_is_validated_in_one_call(
+    logged: tuple[SQLiteStore, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = logged
+    expected = await store.load("c1")
+
+    def row_by_row(*args: object) -> None:
+        raise AssertionError("a sound log was read row by row")
+
+    monkeypatch.setattr("dynaprompt.stores.sqlite.events_from_json", row_by_row)
+    assert await store.load("c1") == expected
+    assert await store.load("c1", 4) == expected[4:]
+
+
+async def test_the_order_of_the_joined_bodies_is_checked_not_assumed(
+    logged: tuple[SQLiteStore, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = logged
+    expected = await store.load("c1")
+    reversed_order = (
+        "SELECT count(*), max(seq), group_concat(body, ',') FROM "
+        "(SELECT seq, body FROM events WHERE conversation_id = ? AND seq > ? ORDER BY seq DESC)"
+    )
+    monkeypatch.setattr("dynaprompt.stores.sqlite._LOAD_JOINED", reversed_order)
+    assert await store.load("c1") == expected
+
+
+async def test_a_body_that_is_not_json_is_named(logged: tuple[SQLiteStore, sqlite3.Connection]) -> None:
+    store, database = logged
+    set_body(database, 3, "{garbage")
+    with pytest.raises(CorruptEventError) as raised:
+        await store.load("c1")
+    assert (raised.value.conversation_id, raised.value.seq) == ("c1", 3)
+    with pytest.raises(CorruptEventError, match="seq 3"):
+        await store.load("c1", 2)
+    assert [event.seq for event in await store.load("c1", 3)] == [4, 5, 6, 7, 8, 9, 10]
+
+
+async def test_a_body_at_the_wrong_row_is_named(logged: tuple[SQLiteStore, sqlite3.Connection]) -> None:
+    store, database = logged
+    set_body(database, 3, body(database, 4))  # row 3 now says it is seq 4
+    with pytest.raises(CorruptEventError, match=r"'c1'.*seq 3.*it says seq 4"):
+        await store.load("c1")
+
+
+async def test_two_swapped_bodies_are_named(logged: tuple[SQLiteStore, sqlite3.Connection]) -> None:
+    store, database = logged
+    third, fourth = body(database, 3), body(database, 4)
+    set_body(database, 3, fourth)
+    set_body(database, 4, third)
+    with pytest.raises(CorruptEventError, match=r"seq 3.*it says seq 4"):
+        await store.load("c1")
+
+
+@pytest.mark.parametrize("row_four", ["kept", "deleted"])
+async def test_a_body_holding_two_events_is_named(
+    logged: tuple[SQLiteStore, sqlite3.Connection], row_four: str
+) -> None:
+    # Joined, the rows would read as one event per seq once row 4 is gone: the row count gives it away.
+    store, database = logged
+    set_body(database, 3, body(database, 3) + "," + body(database, 4))
+    if row_four == "deleted":
+        database.execute("DELETE FROM events WHERE conversation_id = 'c1' AND seq = 4")
+    with pytest.raises(CorruptEventError) as raised:
+        await store.load("c1")
+    assert raised.value.seq == 3
+
+
+async def test_a_missing_row_is_named_when_the_conversation_resumes(
+    logged: tuple[SQLiteStore, sqlite3.Connection], clock: VirtualClock
+) -> None:
+    store, database = logged
+    database.execute("DELETE FROM events WHERE conversation_id = 'c1' AND seq = 5")
+    assert [event.seq for event in await store.load("c1")] == [1, 2, 3, 4, 6, 7, 8, 9, 10]  # each row itself is sound
+    async with Runner(store, clock=clock, cache_size=0) as runner:
+        with pytest.raises(CorruptEventError, match=r"'c1'.*seq 6.*expected seq 5"):
+            await runner.deliver("c1", "three")
+
+
+def test_rows_are_validated_at_once_or_one_by_one_with_the_same_result() -> None:
+    rows = [(1, '{"seq":1,"at":"2026-01-01T00:00:00Z","kind":"now","value":"2026-01-01T00:00:00Z"}')]
+    rows.append((2, '{"seq":2,"at":"2026-01-01T00:00:00Z","kind":"delivered","message_id":"c1:1"}'))
+    joined = "[" + ",".join(text for _, text in rows) + "]"
+    events = events_from_json("c1", rows)
+    assert log_from_json(joined, 1, 2) == events
+    assert [events_from_json("c1", [row])[0] for row in rows] == events
+    assert log_from_json(joined, 2, 2) is None  # not the seqs asked for
+    assert log_from_json(joined, 1, 3) is None  # not as many as asked for
+    assert log_from_json("[" + joined, 1, 2) is None
+    with pytest.raises(CorruptEventError, match=r"seq 3.*it says seq 2"):
+        events_from_json("c1", [rows[0], (3, rows[1][1])])
+    with pytest.raises(CorruptEventError, match=r"seq 2"):
+        events_from_json("c1", [rows[0], (2, rows[1][1] + "," + rows[1][1])])
+
+
+def long_log(count: int) -> str:
+    bodies = (
+        f'{{"seq":{seq},"at":"2026-01-01T00:00:00Z","kind":"sent","text":"line {seq}","metadata":{{}}}}'
+        for seq in range(1, count + 1)
+    )
+    return "[" + ",".join(bodies) + "]"
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """Leave the garbage collector as the test found it."""
+    enabled = gc.isenabled()
+    yield
+    gc.unfreeze()
+    if enabled:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("collector")
+def test_a_long_log_is_built_without_the_collector_and_lands_in_its_oldest_generation() -> None:
+    gc.enable()
+    events = log_from_json(long_log(2_000), 1, 2_000)
+    assert events is not None
+    assert gc.isenabled()
+    young = {id(obj) for obj in gc.get_objects(generation=0)} | {id(obj) for obj in gc.get_objects(generation=1)}
+    assert not any(id(event) in young for event in events)
+    assert log_from_json(long_log(2_000)[:-1], 1, 2_000) is None  # a failed validation resumes the collector too
+    assert gc.isenabled()
+
+
+@pytest.mark.usefixtures("collector")
+def test_a_load_leaves_the_applications_collector_settings_alone() -> None:
+    gc.disable()
+    assert log_from_json(long_log(2_000), 1, 2_000) is not None
+    assert not gc.isenabled()  # paused by the application: stays paused
+    gc.enable()
+    kept = [object() for _ in range(10)]
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    assert log_from_json(long_log(2_000), 1, 2_000) is not None
+    assert gc.get_freeze_count() == frozen  # the application's frozen objects stay frozen
+    assert gc.isenabled()
+    del kept
