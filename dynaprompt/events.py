@@ -205,7 +205,6 @@ _adapter: TypeAdapter[Event] = TypeAdapter(Event)
 _list_adapter: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
-_PROMOTED_FROM = 1_000  # events in a load from which its objects skip the young generations (_collector_paused)
 _E = TypeVar("_E", bound=BaseModel)
 _TEMPLATES: dict[type[BaseModel], dict[str, Any]] = {}
 _new = object.__new__
@@ -280,7 +279,7 @@ def log_from_json(text: str, first_seq: int, count: int) -> list[Event] | None:
     could as well: what is checked is that each event is valid and in its place).
     """
     try:
-        with _collector_paused(promote=count >= _PROMOTED_FROM):
+        with _collector_paused():
             events = _list_adapter.validate_json(text)
     except ValidationError:
         return None
@@ -290,19 +289,13 @@ def log_from_json(text: str, first_seq: int, count: int) -> list[Event] | None:
 
 
 @contextmanager
-def _collector_paused(*, promote: bool = False) -> Iterator[None]:
+def _collector_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a long log's events are built.
 
     Validating 10,000 events makes some 30,000 tracked objects, none in a cycle; the collector, run every 700
     allocations, traverses them again and again while they are built and, once enough survive, the whole heap
     (measured: about half the CPU time of such a load). Paused, it looks at them once, afterwards. Only a
     single synchronous pydantic-core call runs inside, so no other code of this thread runs with it paused.
-
-    With ``promote``, that one look is spared too: the objects are moved to the oldest generation unexamined
-    (``gc.freeze()`` then ``gc.unfreeze()``, which puts every frozen object back into the oldest generation),
-    where a cached execution's objects end up anyway; a replayed log is dropped before a full collection
-    would reach it. Young objects of the application move with them, so this is kept for long logs, and
-    skipped when the application has frozen objects itself (``unfreeze`` would undo that).
     """
     if not gc.isenabled():  # paused by someone else: theirs to resume
         yield
@@ -310,9 +303,6 @@ def _collector_paused(*, promote: bool = False) -> Iterator[None]:
     gc.disable()
     try:
         yield
-        if promote and not gc.get_freeze_count():
-            gc.freeze()
-            gc.unfreeze()
     finally:
         gc.enable()
 

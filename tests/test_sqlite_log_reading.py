@@ -7,9 +7,8 @@ that is not one event, a body at the wrong row, a missing row) is read again row
 
 from __future__ import annotations
 
-import gc
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -157,48 +156,3 @@ def test_rows_are_validated_at_once_or_one_by_one_with_the_same_result() -> None
         events_from_json("c1", [rows[0], (3, rows[1][1])])
     with pytest.raises(CorruptEventError, match=r"seq 2"):
         events_from_json("c1", [rows[0], (2, rows[1][1] + "," + rows[1][1])])
-
-
-def long_log(count: int) -> str:
-    bodies = (
-        f'{{"seq":{seq},"at":"2026-01-01T00:00:00Z","kind":"sent","text":"line {seq}","metadata":{{}}}}'
-        for seq in range(1, count + 1)
-    )
-    return "[" + ",".join(bodies) + "]"
-
-
-@pytest.fixture
-def collector() -> Iterator[None]:
-    """Leave the garbage collector as the test found it."""
-    enabled = gc.isenabled()
-    yield
-    gc.unfreeze()
-    if enabled:
-        gc.enable()
-
-
-@pytest.mark.usefixtures("collector")
-def test_a_long_log_is_built_without_the_collector_and_lands_in_its_oldest_generation() -> None:
-    gc.enable()
-    events = log_from_json(long_log(2_000), 1, 2_000)
-    assert events is not None
-    assert gc.isenabled()
-    young = {id(obj) for obj in gc.get_objects(generation=0)} | {id(obj) for obj in gc.get_objects(generation=1)}
-    assert not any(id(event) in young for event in events)
-    assert log_from_json(long_log(2_000)[:-1], 1, 2_000) is None  # a failed validation resumes the collector too
-    assert gc.isenabled()
-
-
-@pytest.mark.usefixtures("collector")
-def test_a_load_leaves_the_applications_collector_settings_alone() -> None:
-    gc.disable()
-    assert log_from_json(long_log(2_000), 1, 2_000) is not None
-    assert not gc.isenabled()  # paused by the application: stays paused
-    gc.enable()
-    kept = [object() for _ in range(10)]
-    gc.freeze()
-    frozen = gc.get_freeze_count()
-    assert log_from_json(long_log(2_000), 1, 2_000) is not None
-    assert gc.get_freeze_count() == frozen  # the application's frozen objects stay frozen
-    assert gc.isenabled()
-    del kept
