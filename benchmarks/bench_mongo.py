@@ -226,6 +226,12 @@ def raw_inserts(url: str, processes: int, count: int, tasks: int, journal: bool)
 # -- measurements in the parent -----------------------------------------------------------------------------------
 
 
+async def row_indexes(rows: Any) -> None:
+    """The store's indexes on ``conversations`` (a row update maintains them too)."""
+    for keys in ([("wake_at", 1)], [("needs_advance", 1), ("lease_until", 1)], [("lease_until", 1)]):
+        await rows.create_index(keys)
+
+
 async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
     """Each kind of driver write a turn may use, timed in interleaved rounds on one client (sequential): wall
     milliseconds and client CPU milliseconds per call."""
@@ -240,6 +246,7 @@ async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[s
         await collection.drop()
     for collection in (plain, events):
         await collection.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
+    await row_indexes(rows)
     await rows.insert_one({"_id": "c", "dialog": "bench_core:chat", "state": "waiting_for_reply", "wake_at": None,
                            "last_seq": 0, "run": 1, "run_seq": 1, "result": None, "error": None, "parked": False,
                            "needs_advance": False, "lease_owner": None, "lease_until": None, "updated_at": 0,
@@ -298,6 +305,7 @@ async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = True)
     await events.drop()
     await rows.drop()
     await events.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
+    await row_indexes(rows)
     await rows.insert_one({"_id": "raw", "state": "waiting_for_reply", "last_seq": 0, "run_seq": 1, "parked": False,
                            "needs_advance": False, "lease_owner": None, "lease_until": None})  # fmt: skip
     began, cpu = time.perf_counter(), time.process_time()
