@@ -9,16 +9,19 @@ temporary folder (``--uri mongodb://...`` or ``DYNAPROMPT_BENCH_MONGODB_URI`` us
   milliseconds, in ``insert_one`` calls' time, and in client CPU: ``insert_one`` with the driver's default
   write concern (the yardstick the issue names) and with the store's (``j=true``), ``insert_many`` of 4 and of
   2 event documents, ``update_one`` and ``find_one_and_update`` of a conversation document;
-* writes (and reads) per turn, counted by wrapping the store's collections (every driver call);
+* writes (and reads) per turn, counted by wrapping the store's collections (every driver call), and in that
+  run (sequential, one process) the time a turn spends awaiting those writes: the rest is what the runner and
+  the store add;
 * turns/s for N conversations x K turns, in 1 runner process and in 3 (each on its third of the
   conversations, all at once after a common start signal; wall time from the signal to the last), driven
   *sequentially* (one ``deliver()`` at a time per process) and *concurrently* (``--concurrency`` tasks in all,
   split over the processes, each delivering the K replies of one conversation after another, as a server
   with many users does), with each process's CPU time per turn;
-* the yardstick in the same layout: raw ``insert_one`` calls of an event-sized document, sequential in one
-  process, and concurrent with the same number of tasks in the same number of processes;
+* the yardstick in the same layout, run just before those turns: raw ``insert_one`` calls of an event-sized
+  document, one at a time per process, or with the same number of tasks in the same number of processes;
 * the ratio turns/s / (raw insert_one rate / writes per turn), against the target 0.7, for both write
-  concerns, and a second yardstick: a turn's very driver writes issued raw (same documents, same filters, no
+  concerns; all of it ``--passes`` times (medians printed, each pass's turns/s too: the server's journal
+  flushes vary a lot on a shared machine); and a second yardstick: a turn's very driver writes issued raw (same documents, same filters, no
   runner, no store), which shows what the runner and the store add to the writes themselves;
 * cold resume: a new store and runner deliver one reply to a conversation whose log holds 100, 1,000
   and 10,000 events (loaded, validated and replayed; the logs are the documents a real run writes).
@@ -71,15 +74,29 @@ class NullChannel:
 
 
 class CountedCollection:
-    """A real collection whose calls are counted by kind (writes and reads)."""
+    """A real collection whose calls are counted by kind (writes and reads), and the wall time spent awaiting
+    the writes summed (the driver and the server; the rest of a turn is the runner and the store)."""
 
-    def __init__(self, collection: Any, counts: dict[str, int]) -> None:
+    def __init__(self, collection: Any, counts: dict[str, int], waited: list[float]) -> None:
         self._collection = collection
         self._counts = counts
+        self._waited = waited
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._collection, name)
-        if name in WRITE_METHODS or name in READ_METHODS:
+        if name in WRITE_METHODS:
+            key = f"{self._collection.name}.{name}"
+
+            async def timed(*args: Any, **kwargs: Any) -> Any:
+                self._counts[key] = self._counts.get(key, 0) + 1
+                began = time.perf_counter()
+                try:
+                    return await attribute(*args, **kwargs)
+                finally:
+                    self._waited[0] += time.perf_counter() - began
+
+            return timed
+        if name in READ_METHODS:
             key = f"{self._collection.name}.{name}"
 
             def counted(*args: Any, **kwargs: Any) -> Any:
@@ -144,19 +161,25 @@ async def child_count(url: str, n: int, k: int) -> dict[str, Any]:
     store = await open_store(url)
     assert isinstance(store, MongoStore)
     counts: dict[str, int] = {}
+    waited = [0.0]
     for attribute in ("_events", "_rows", "_claims"):  # _claims: since the claim stopped waiting for the journal
         if hasattr(store, attribute):
-            setattr(store, attribute, CountedCollection(getattr(store, attribute), counts))
+            setattr(store, attribute, CountedCollection(getattr(store, attribute), counts, waited))
     async with Runner(store, NullChannel()) as runner:
         for cid in ids("count", n):
             await runner.start(chat, cid)
         counts.clear()
+        waited[0] = 0.0
+        began = time.perf_counter()
         for turn in range(k):
             for cid in ids("count", n):
                 await runner.deliver(cid, f"answer {turn}")
+        took = time.perf_counter() - began
     await store.close()
     turns = n * k
     return {
+        "turn_ms": 1000 * took / turns,
+        "writes_ms": 1000 * waited[0] / turns,
         "writes": {key: value / turns for key, value in counts.items() if key.rpartition(".")[2] in WRITE_METHODS},
         "reads": {key: value / turns for key, value in counts.items() if key.rpartition(".")[2] in READ_METHODS},
     }
@@ -429,25 +452,36 @@ def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
     figures: dict[str, Any] = {"concurrency": tasks, "costs": asyncio.run(write_costs(uri, args.rounds, 40))}
     figures["raw_turn"] = asyncio.run(raw_turn_rate(uri, args.raw_turns))
     figures["raw_turn_4"] = asyncio.run(raw_turn_rate(uri, args.raw_turns, middle_row_update=False))
-    for journal in (False, True):
-        concern = "j" if journal else "default"
-        for processes in (1, 3):  # sequential: one insert at a time per process
-            figures[f"raw_seq{processes}_{concern}"] = raw_inserts(
-                f"{uri}/{run}_raw_s{processes}_{concern}", processes, args.raw, 0, journal
-            )
-        for processes in (1, 3):
-            figures[f"raw_conc{processes}_{concern}"] = raw_inserts(
-                f"{uri}/{run}_raw_c{processes}_{concern}", processes, args.raw, tasks, journal
-            )
     for _, path in variants:
         tag = "base" if path else "this"
-        figures[f"count_{tag}"] = child_result(["--child", "count", f"{uri}/{run}_{tag}_count", "12", "5"], path)
-    for mode, concurrency in (("seq", 0), ("conc", tasks)):
-        for processes in (1, 3):
-            for _, path in variants:  # interleaved: baseline and this tree back to back, same server
-                tag = "base" if path else "this"
-                url = f"{uri}/{run}_{tag}_{mode}{processes}"
-                figures[f"{tag}_{mode}{processes}"] = turns(url, processes, args.n, args.k, concurrency, path)
+        count = f"{uri}/{run}_{tag}_count"
+        figures[f"count_{tag}"] = child_result(["--child", "count", count, str(args.count_n), str(args.count_k)], path)
+    # Each pass runs, for each layout, the yardstick and then the turns of each variant (the variants' order
+    # alternating from pass to pass), so that a ratio divides figures measured minutes apart at most: the
+    # server's journal flushes vary a lot on a shared machine. Medians over the passes are printed.
+    runs: dict[str, list[dict[str, float]]] = {}
+    for number in range(args.passes):
+        ordered = variants if number % 2 == 0 else variants[::-1]
+        for mode, concurrency in (("seq", 0), ("conc", tasks)):
+            for processes in (1, 3):
+                layout = f"{mode}{processes}"
+                yardstick = {}
+                for journal in (False, True):
+                    concern = "j" if journal else "default"
+                    url = f"{uri}/{run}_raw_{layout}_{concern}_{number}"
+                    yardstick[concern] = raw_inserts(url, processes, args.raw, concurrency, journal)
+                    runs.setdefault(f"raw_{layout}_{concern}", []).append(yardstick[concern])
+                for _, path in ordered:
+                    tag = "base" if path else "this"
+                    url = f"{uri}/{run}_{tag}_{layout}_{number}"
+                    result = turns(url, processes, args.n, args.k, concurrency, path)
+                    per_turn = sum(figures[f"count_{tag}"]["writes"].values())
+                    for concern, raw in yardstick.items():
+                        result[f"ratio_{concern}"] = result["per_s"] / (raw["per_s"] / per_turn)
+                    runs.setdefault(f"{tag}_{layout}", []).append(result)
+    for key, results in runs.items():
+        figures[key] = {name: statistics.median(result[name] for result in results) for name in results[0]}
+        figures[key]["each_per_s"] = [result["per_s"] for result in results]
     sizes = [int(size) for size in args.log_sizes.split(",")]
     figures["cold_resume_s"] = asyncio.run(cold_resume(f"{uri}/{run}_resume", sizes, args.repeats))
     return figures
@@ -470,6 +504,9 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         print(f"\n{name}: driver writes per turn {sum(writes.values()):.2f} ("
               + ", ".join(f"{key} {value:.2f}" for key, value in sorted(writes.items()))
               + f"); reads per turn {sum(reads.values()):.2f}")  # fmt: skip
+        added = counted["turn_ms"] - counted["writes_ms"]
+        print(f"  a sequential turn took {counted['turn_ms']:.1f} ms, of which {counted['writes_ms']:.1f} ms awaiting "
+              f"the driver's writes: the runner and the store add {added:.1f} ms")  # fmt: skip
         if tag == "this":
             one_turn = (costs["update_one (driver default)"]["ms"] + 2 * costs["update_one, j=true"]["ms"]
                         + costs["insert_many of 4, j=true"]["ms"]
@@ -478,30 +515,26 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
             for key, what in (("raw_turn", "all 5"), ("raw_turn_4", "without write 3 (the first row update)")):
                 print(f"  {what}, issued raw in a loop (no runner, no store): {figures[key]['per_s']:.1f} turns/s, "
                       f"{figures[key]['cpu_ms']:.2f} ms client CPU a turn")  # fmt: skip
-    print("\nyardstick: raw insert_one of an event document       driver default      j=true (store's)")
+    print(f"\nyardstick: raw insert_one of an event document       driver default      j=true (store's)"
+          f"   (medians of {args.passes} passes)")  # fmt: skip
     layouts = (("raw_seq1", "sequential, 1 process"), ("raw_seq3", "sequential, 3 processes"),
                ("raw_conc1", f"concurrent, {tasks} tasks, 1 process"),
                ("raw_conc3", f"concurrent, {tasks} tasks, 3 processes"))  # fmt: skip
     for key, label in layouts:
         print(f"  {label:45s}{figures[key + '_default']['per_s']:10.0f} /s  {figures[key + '_j']['per_s']:10.0f} /s")
-    print(
-        "\nturns/s (N conv x K turns)          turns/s  CPU ms/turn  ratio vs insert_one: default  j=true"
-        "   (target 0.7)"
-    )
-    for mode, processes, yard in (("seq", 1, "raw_seq1"), ("seq", 3, "raw_seq3"), ("conc", 1, "raw_conc1"),
-                                  ("conc", 3, "raw_conc3")):  # fmt: skip
+    print("\nturns/s (N conv x K turns)          turns/s  CPU ms/turn  ratio vs insert_one: default  j=true"
+          "   (target 0.7)   turns/s of each pass")  # fmt: skip
+    for layout in ("seq1", "seq3", "conc1", "conc3"):
         for tag in tags:
-            result = figures[f"{tag}_{mode}{processes}"]
-            per_turn = sum(figures[f"count_{tag}"]["writes"].values())
-            ratios = [
-                result["per_s"] / (figures[f"{yard}_{concern}"]["per_s"] / per_turn) for concern in ("default", "j")
-            ]
-            label = f"{'sequential' if mode == 'seq' else f'{tasks} tasks'}, {processes} proc"
+            result = figures[f"{tag}_{layout}"]
+            label = f"{'sequential' if layout.startswith('seq') else f'{tasks} tasks'}, {layout[-1]} proc"
             label += " (baseline)" if tag == "base" else ""
-            print(f"  {label:34s}{result['per_s']:8.1f}  {result['cpu_ms']:11.2f}  {ratios[0]:27.2f}  {ratios[1]:6.2f}")
-            result["ratio_default"], result["ratio_j"] = ratios
-    print(f"  ({args.n} conversations x {args.k} turns; the ratio's yardstick is the raw insert_one run of the same "
-          "layout: sequential against sequential, concurrent against concurrent)")  # fmt: skip
+            each = " ".join(f"{value:.1f}" for value in result["each_per_s"])
+            print(f"  {label:34s}{result['per_s']:8.1f}  {result['cpu_ms']:11.2f}  {result['ratio_default']:27.2f}  "
+                  f"{result['ratio_j']:6.2f}   {each}")  # fmt: skip
+    print(f"  ({args.n} conversations x {args.k} turns; medians over the passes, each ratio taken against the raw "
+          "insert_one run of the same layout just before it: sequential against sequential, concurrent against "
+          "concurrent)")  # fmt: skip
     for events, seconds in figures["cold_resume_s"].items():
         print(f"cold resume, log of {events:6d} events           {seconds * 1000:9.1f} ms")
     print(json.dumps(figures))
@@ -513,9 +546,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=60, help="conversations (divisible by 3)")
     parser.add_argument("--k", type=int, default=10, help="turns per conversation")
     parser.add_argument("--concurrency", type=int, default=0, help="tasks in the concurrent runs (0: N)")
-    parser.add_argument("--raw", type=int, default=1500, help="insert_one calls for each yardstick run")
+    parser.add_argument("--raw", type=int, default=600, help="insert_one calls for each yardstick run")
+    parser.add_argument("--passes", type=int, default=3, help="passes over the layouts (medians are printed)")
     parser.add_argument("--raw-turns", type=int, default=200, help="turns of raw driver writes")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the write-cost table")
+    parser.add_argument("--count-n", type=int, default=20, help="conversations of the run that counts writes")
+    parser.add_argument("--count-k", type=int, default=5, help="turns each in the run that counts writes")
     parser.add_argument("--log-sizes", default="100,1000,10000", help="event counts for cold resume")
     parser.add_argument("--repeats", type=int, default=3, help="cold resumes per size (median)")
     parser.add_argument("--baseline", help="a checkout whose dynaprompt to measure too, interleaved (before/after)")
