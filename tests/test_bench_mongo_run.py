@@ -45,4 +45,4 @@ def test_mongo_benchmark_prints_every_figure(mongodb_uri: str) -> None:
         for run in ("seq1", "seq3", "conc1", "conc3"):
             assert figures[f"{tag}_{run}"]["count"] == 3 * 2
             assert figures[f"{tag}_{run}"]["ratio_j"] > 0
-    assert figures["count_this"]["reads"] == {}  # a warm turn reads nothing
+    assert sum(figures["count_this"]["writes"].values()) >= 2  # every turn writes (events, then the row)
