@@ -21,8 +21,9 @@ temporary folder (``--uri mongodb://...`` or ``DYNAPROMPT_BENCH_MONGODB_URI`` us
   document, one at a time per process, or with the same number of tasks in the same number of processes;
 * the ratio turns/s / (raw insert_one rate / writes per turn), against the target 0.7, for both write
   concerns; all of it ``--passes`` times (medians printed, each pass's turns/s too: the server's journal
-  flushes vary a lot on a shared machine); and a second yardstick: a turn's very driver writes issued raw (same documents, same filters, no
-  runner, no store), which shows what the runner and the store add to the writes themselves;
+  flushes vary a lot on a shared machine); and a second yardstick: a turn's very driver writes issued raw
+  (same documents, same filters, no runner, no store), which shows what the runner and the store add to the
+  writes themselves;
 * cold resume: a new store and runner deliver one reply to a conversation whose log holds 100, 1,000
   and 10,000 events (loaded, validated and replayed; the logs are the documents a real run writes).
 
