@@ -177,7 +177,7 @@ async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoS
     calls: list[str] = []
     for attribute in ("_events", "_rows", "_claims"):
         setattr(store, attribute, CountedCalls(getattr(store, attribute), calls))
-    async with Runner(store, clock=clock) as runner:
+    async with Runner(store, clock=clock, cache_size=16) as runner:  # warm, even when the suite runs with 0
         await runner.start(counter, "ann")
         calls.clear()
         status = await runner.deliver("ann", "one")
