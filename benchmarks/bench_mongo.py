@@ -1,19 +1,35 @@
-"""Benchmark of the MongoDB store: turns per second with 1 and 3 runner processes, cold resume as the log
-grows, and the driver's raw ``insert_one`` rate on the same server as the yardstick.
+"""Benchmark of the MongoDB store: what each kind of write costs on the server, turns per second with 1 and 3
+runner processes (sequential and concurrent), cold resume as the log grows, and the driver's raw ``insert_one``
+rate on the same server, in the same run, as the yardstick.
 
 Run ``python benchmarks/bench_mongo.py`` (``--help`` lists the options). It starts a SecantusDB server in a
 temporary folder (``--uri mongodb://...`` or ``DYNAPROMPT_BENCH_MONGODB_URI`` use yours instead) and prints:
 
-* the raw rate: sequential ``insert_one`` calls of an event-sized document into a collection with the
-  events' unique index, one client, awaited one by one (as the runner awaits its writes);
-* writes per turn, counted by wrapping the store's collections (every driver write call), and reads too;
-* turns/s for N conversations x K turns, in 1 runner process and in 3 (each delivering to its third of
-  the conversations, all at once after a common start signal; wall time from the signal to the last);
-* the ratio turns/s / (raw insert_one rate / writes per turn), against the target 0.7, and a second
-  yardstick: the very driver writes of a turn (same documents, same filters) issued raw, without the
-  runner or the store, which shows how much of a turn is the writes themselves;
+* the cost of each kind of driver write on this server (sequential, one client, interleaved rounds), in
+  milliseconds, in ``insert_one`` calls' time, and in client CPU: ``insert_one`` with the driver's default
+  write concern (the yardstick the issue names) and with the store's (``j=true``), ``insert_many`` of 4 and of
+  2 event documents, ``update_one`` and ``find_one_and_update`` of a conversation document;
+* writes (and reads) per turn, counted by wrapping the store's collections (every driver call), and in that
+  run (sequential, one process) the time a turn spends awaiting those writes: the rest is what the runner and
+  the store add;
+* turns/s for N conversations x K turns, in 1 runner process and in 3 (each on its third of the
+  conversations, all at once after a common start signal; wall time from the signal to the last), driven
+  *sequentially* (one ``deliver()`` at a time per process) and *concurrently* (``--concurrency`` tasks in all,
+  split over the processes, each delivering the K replies of one conversation after another, as a server
+  with many users does), with each process's CPU time per turn;
+* the yardstick in the same layout, run just before those turns: raw ``insert_one`` calls of an event-sized
+  document, one at a time per process, or with the same number of tasks in the same number of processes;
+* the ratio turns/s / (raw insert_one rate / writes per turn), against the target 0.7, for both write
+  concerns; all of it ``--passes`` times (medians printed, each pass's turns/s too: the server's journal
+  flushes vary a lot on a shared machine); and a second yardstick: a turn's very driver writes issued raw
+  (same documents, same filters, no runner, no store), which shows what the runner and the store add to the
+  writes themselves;
 * cold resume: a new store and runner deliver one reply to a conversation whose log holds 100, 1,000
   and 10,000 events (loaded, validated and replayed; the logs are the documents a real run writes).
+
+``--baseline PATH`` also runs every turn measurement with the ``dynaprompt`` package of another checkout (its
+runner processes get ``PYTHONPATH=PATH``), interleaved with this one's against the same server: a before/after
+comparison in one run.
 
 A *turn* is one ``runner.deliver()`` of the ``chat`` dialog: the reply is recorded, the bot acknowledges
 it and asks the next question (two sends), both are handed to the channel and marked delivered.
@@ -34,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +62,11 @@ from dynaprompt.stores.mongo import MongoStore
 
 WRITE_METHODS = ("insert_one", "insert_many", "update_one", "find_one_and_update", "delete_one")
 READ_METHODS = ("find_one", "find", "count_documents")
-
+AT = "2026-01-05T09:00:00Z"
+SENT = {"kind": "sent", "at": AT, "text": "Got 'answer 1'.", "to": None, "metadata": {}, "due_at": None}
 
 # The same workload as bench_core.py, so the two stores' turns are the same turn.
-from bench_core import chat  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
+from bench_core import chat, run_turns, run_turns_concurrently  # noqa: E402  (benchmarks/ is first on sys.path)
 
 
 class NullChannel:
@@ -57,15 +75,29 @@ class NullChannel:
 
 
 class CountedCollection:
-    """A real collection whose calls are counted by kind (writes and reads)."""
+    """A real collection whose calls are counted by kind (writes and reads), and the wall time spent awaiting
+    the writes summed (the driver and the server; the rest of a turn is the runner and the store)."""
 
-    def __init__(self, collection: Any, counts: dict[str, int]) -> None:
+    def __init__(self, collection: Any, counts: dict[str, int], waited: list[float]) -> None:
         self._collection = collection
         self._counts = counts
+        self._waited = waited
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._collection, name)
-        if name in WRITE_METHODS or name in READ_METHODS:
+        if name in WRITE_METHODS:
+            key = f"{self._collection.name}.{name}"
+
+            async def timed(*args: Any, **kwargs: Any) -> Any:
+                self._counts[key] = self._counts.get(key, 0) + 1
+                began = time.perf_counter()
+                try:
+                    return await attribute(*args, **kwargs)
+                finally:
+                    self._waited[0] += time.perf_counter() - began
+
+            return timed
+        if name in READ_METHODS:
             key = f"{self._collection.name}.{name}"
 
             def counted(*args: Any, **kwargs: Any) -> Any:
@@ -80,11 +112,12 @@ def ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i:05d}" for i in range(n)]
 
 
-# -- child processes: one runner each ---------------------------------------------------------------------------
+# -- child processes: one runner (or one raw writer) each -------------------------------------------------------
 
 
-async def child(url: str, prefix: str, n: int, k: int) -> None:
-    """Start n conversations, say READY, wait for GO on stdin, deliver k rounds of replies, print the result."""
+async def child_turns(url: str, prefix: str, n: int, k: int, tasks: int) -> dict[str, Any]:
+    """Start n conversations, say READY, wait for GO on stdin, deliver k replies to each (one at a time when
+    ``tasks`` is 0, else with that many tasks at once), and say how long it took."""
     store = await open_store(url)
     conversations = ids(prefix, n)
     async with Runner(store, NullChannel()) as runner:
@@ -92,30 +125,83 @@ async def child(url: str, prefix: str, n: int, k: int) -> None:
             await runner.start(chat, cid)
         print("READY", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
+        if tasks:
+            took, cpu = await run_turns_concurrently(runner, conversations, k, tasks)
+        else:
+            took, cpu = await run_turns(runner, conversations, k)
+    await store.close()
+    return {"count": n * k, "seconds": took, "cpu": cpu}
+
+
+async def child_raw(url: str, prefix: str, count: int, tasks: int, journal: bool) -> dict[str, Any]:
+    """``count`` raw ``insert_one`` calls of an event-sized document (``tasks`` at once), after READY/GO."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+    collection = client.get_default_database().get_collection(
+        "events", write_concern=WriteConcern(j=True) if journal else None
+    )
+    await collection.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
+    for seq in range(1, 21):  # warm the connection pool and the server
+        await collection.insert_one({**SENT, "conversation_id": f"{prefix}warm", "seq": seq})
+    print("READY", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    numbers = iter(range(count))
+
+    async def worker(task: int) -> None:
+        for seq in numbers:
+            await collection.insert_one({**SENT, "conversation_id": f"{prefix}{task}", "seq": seq})
+
+    began, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker(task) for task in range(max(tasks, 1))))
+    took, cpu = time.perf_counter() - began, time.process_time() - cpu
+    await client.close()
+    return {"count": count, "seconds": took, "cpu": cpu}
+
+
+async def child_count(url: str, n: int, k: int) -> dict[str, Any]:
+    """Driver writes and reads per turn, by kind, on a run of n x k turns (sequential)."""
+    store = await open_store(url)
+    assert isinstance(store, MongoStore)
+    counts: dict[str, int] = {}
+    waited = [0.0]
+    for attribute in ("_events", "_rows", "_claims"):  # _claims: since the claim stopped waiting for the journal
+        if hasattr(store, attribute):
+            setattr(store, attribute, CountedCollection(getattr(store, attribute), counts, waited))
+    async with Runner(store, NullChannel()) as runner:
+        for cid in ids("count", n):
+            await runner.start(chat, cid)
+        counts.clear()
+        waited[0] = 0.0
         began = time.perf_counter()
         for turn in range(k):
-            for cid in conversations:
+            for cid in ids("count", n):
                 await runner.deliver(cid, f"answer {turn}")
         took = time.perf_counter() - began
     await store.close()
-    print(json.dumps({"turns": n * k, "seconds": took}), flush=True)
+    turns = n * k
+    return {
+        "turn_ms": 1000 * took / turns,
+        "writes_ms": 1000 * waited[0] / turns,
+        "writes": {key: value / turns for key, value in counts.items() if key.rpartition(".")[2] in WRITE_METHODS},
+        "reads": {key: value / turns for key, value in counts.items() if key.rpartition(".")[2] in READ_METHODS},
+    }
 
 
-def run_runners(url: str, processes: int, n: int, k: int) -> dict[str, float]:
-    """``processes`` runner processes on one database, each on n // processes conversations of its own."""
-    share = n // processes
-    children = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--child", url, f"p{index}-", str(share), str(k)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for index in range(processes)
-    ]
+def spawn(args: list[str], pythonpath: str | None) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def run_children(commands: list[list[str]], pythonpath: str | None = None) -> dict[str, float]:
+    """One child per command, released together once all are READY; wall time from GO to the last one done,
+    the summed count (turns or inserts), and the children's CPU seconds per item."""
+    children = [spawn(command, pythonpath) for command in commands]
     for process in children:
         assert process.stdout is not None
-        assert process.stdout.readline().strip() == "READY", "a runner process failed to start"
+        assert process.stdout.readline().strip() == "READY", "a benchmark process failed to start"
     began = time.perf_counter()
     for process in children:
         assert process.stdin is not None
@@ -123,107 +209,172 @@ def run_runners(url: str, processes: int, n: int, k: int) -> dict[str, float]:
         process.stdin.flush()
     results = []
     for process in children:
-        out, _ = process.communicate(timeout=600)
+        out, _ = process.communicate(timeout=1200)
+        assert process.returncode == 0, "a benchmark process failed"
         results.append(json.loads(out.strip().splitlines()[-1]))
     wall = time.perf_counter() - began
-    turns = sum(result["turns"] for result in results)
-    return {"turns": turns, "seconds": wall, "turns_per_s": turns / wall}
+    count = sum(result["count"] for result in results)
+    return {
+        "count": count,
+        "seconds": wall,
+        "per_s": count / wall,
+        "cpu_ms": 1000 * sum(r["cpu"] for r in results) / count,
+    }
+
+
+def child_result(args: list[str], pythonpath: str | None = None) -> dict[str, Any]:
+    process = spawn(args, pythonpath)
+    out, _ = process.communicate(timeout=1200)
+    assert process.returncode == 0, "a benchmark process failed"
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def turns(url: str, processes: int, n: int, k: int, tasks: int, pythonpath: str | None) -> dict[str, float]:
+    """``processes`` runner processes on one database, each on n // processes conversations of its own, with
+    ``tasks`` // processes tasks each (0: sequential)."""
+    return run_children(
+        [["--child", "turns", url, f"p{index}-", str(n // processes), str(k), str(tasks // processes)]
+         for index in range(processes)],
+        pythonpath,
+    )  # fmt: skip
+
+
+def raw_inserts(url: str, processes: int, count: int, tasks: int, journal: bool) -> dict[str, float]:
+    return run_children(
+        [["--child", "raw", url, f"p{index}-", str(count // processes), str(tasks // processes), str(int(journal))]
+         for index in range(processes)]
+    )  # fmt: skip
 
 
 # -- measurements in the parent -----------------------------------------------------------------------------------
 
 
-async def raw_insert_rate(uri: str, count: int) -> float:
+async def row_indexes(rows: Any) -> None:
+    """The store's indexes on ``conversations`` (a row update maintains them too)."""
+    for keys in ([("wake_at", 1)], [("needs_advance", 1), ("lease_until", 1)], [("lease_until", 1)]):
+        await rows.create_index(keys)
+
+
+async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
+    """Each kind of driver write a turn may use, timed in interleaved rounds on one client (sequential): wall
+    milliseconds and client CPU milliseconds per call."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
-    collection = client["bench_raw"]["events"]
-    await collection.drop()
-    await collection.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
-    body = {"kind": "sent", "at": "2026-01-05T09:00:00Z", "text": "Got 'answer 1'.", "to": None, "metadata": {}}
-    for seq in range(1, 51):  # warm the connection pool and the server
-        await collection.insert_one({"conversation_id": "warm", "seq": seq, **body})
-    began = time.perf_counter()
-    for seq in range(1, count + 1):
-        await collection.insert_one({"conversation_id": "raw", "seq": seq, **body})
-    took = time.perf_counter() - began
+    database = client["bench_costs"]
+    journaled = WriteConcern(j=True)
+    plain = database.get_collection("plain")
+    events = database.get_collection("events", write_concern=journaled)
+    rows = database.get_collection("conversations", write_concern=journaled)
+    plain_rows = database.get_collection("conversations")
+    for collection in (plain, events, rows):
+        await collection.drop()
+    for collection in (plain, events):
+        await collection.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
+    await row_indexes(rows)
+    await rows.insert_one({"_id": "c", "dialog": "bench_core:chat", "state": "waiting_for_reply", "wake_at": None,
+                           "last_seq": 0, "run": 1, "run_seq": 1, "result": None, "error": None, "parked": False,
+                           "needs_advance": False, "lease_owner": None, "lease_until": None, "updated_at": 0,
+                           "tz": "UTC"})  # fmt: skip
+    counter = iter(range(1, 10**9))
+
+    def events_of(size: int) -> list[dict[str, Any]]:
+        return [{**SENT, "conversation_id": "c", "seq": next(counter)} for _ in range(size)]
+
+    def row_filter() -> dict[str, Any]:
+        return {"_id": "c", "$or": [{"lease_until": None}, {"lease_owner": "me"}, {"lease_until": {"$lte": 5}}]}
+
+    kinds: dict[str, Callable[[], Awaitable[Any]]] = {
+        "insert_one (driver default)": lambda: plain.insert_one({**SENT, "conversation_id": "c", "seq": next(counter)}),
+        "insert_one j=true (store's)": lambda: events.insert_one(events_of(1)[0]),
+        "insert_many of 4, j=true": lambda: events.insert_many(events_of(4), ordered=True),
+        "insert_many of 2, j=true": lambda: events.insert_many(events_of(2), ordered=True),
+        "update_one, j=true": lambda: rows.update_one(
+            row_filter(), {"$set": {"lease_owner": "me", "n": next(counter)}}
+        ),
+        "update_one (driver default)": lambda: plain_rows.update_one(
+            row_filter(), {"$set": {"lease_owner": "me", "n": next(counter)}}
+        ),
+        "find_one_and_update, j=true": lambda: rows.find_one_and_update(
+            row_filter(), {"$set": {"lease_owner": "me", "n": next(counter)}}, return_document=ReturnDocument.AFTER
+        ),
+    }
+    for call in kinds.values():  # warm the connection and the server
+        for _ in range(10):
+            await call()
+    totals = {kind: [0.0, 0.0] for kind in kinds}
+    for _ in range(rounds):
+        for kind, call in kinds.items():
+            began, cpu = time.perf_counter(), time.process_time()
+            for _ in range(per_round):
+                await call()
+            totals[kind][0] += time.perf_counter() - began
+            totals[kind][1] += time.process_time() - cpu
     await client.close()
-    return count / took
+    calls = rounds * per_round
+    return {kind: {"ms": 1000 * wall / calls, "cpu_ms": 1000 * cpu / calls} for kind, (wall, cpu) in totals.items()}
 
 
-async def raw_turn_rate(uri: str, turns: int) -> float:
-    """The driver calls of one turn, with the documents a turn writes and nothing else (no runner, no store):
-    take the lease, insert the reply and the bot's events, update the row, insert the delivered marks, update
-    the row dropping the lease. Sequential, one client, journaled as the store writes."""
+async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = True) -> dict[str, float]:
+    """The driver calls of one warm turn as the store issues them, with the documents a turn writes and
+    nothing else (no runner, no store): claim the lease (update_one, not journaled), insert the reply and the
+    bot's events, update the row (update_one), insert the delivered marks, update the row dropping the lease
+    (update_one). Sequential, one client, journaled as the store writes. ``middle_row_update=False`` leaves
+    out the third write (what a runner that let the store write the row once per turn would save)."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
     database = client["bench_raw_turn"]
     concern = WriteConcern(j=True)
     events = database.get_collection("events", write_concern=concern)
     rows = database.get_collection("conversations", write_concern=concern)
+    claims = database.get_collection("conversations")
     await events.drop()
     await rows.drop()
     await events.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
-    await rows.insert_one({"_id": "raw", "state": "waiting_for_reply", "last_seq": 0, "lease_owner": None})
-    at = "2026-01-05T09:00:00Z"
-    began = time.perf_counter()
+    await row_indexes(rows)
+    await rows.insert_one({"_id": "raw", "state": "waiting_for_reply", "last_seq": 0, "run_seq": 1, "parked": False,
+                           "needs_advance": False, "lease_owner": None, "lease_until": None})  # fmt: skip
+    began, cpu = time.perf_counter(), time.process_time()
     for turn in range(turns):
         seq = turn * 6
-        await rows.find_one_and_update(
-            {"_id": "raw", "$or": [{"lease_until": None}, {"lease_owner": "me"}]},
-            {"$set": {"lease_owner": "me", "lease_until": 1}}, return_document=ReturnDocument.AFTER,
+        await claims.update_one(
+            {"_id": "raw", "last_seq": seq, "run_seq": 1, "parked": False, "needs_advance": False,
+             "$or": [{"lease_until": None}, {"lease_owner": "me"}, {"lease_until": {"$lte": 5}}]},
+            {"$set": {"lease_owner": "me", "lease_until": 10}},
         )  # fmt: skip
-        base = {"conversation_id": "raw", "at": at}
-        sent = {**base, "kind": "sent", "to": None, "metadata": {}, "due_at": None}
+        base = {"conversation_id": "raw", "at": AT}
         await events.insert_many(
             [
                 {**base, "seq": seq + 1, "kind": "reply", "text": f"answer {turn}", "metadata": {}},
-                {**sent, "seq": seq + 2, "text": "Got it."},
-                {**sent, "seq": seq + 3, "text": "Question?"},
+                {**SENT, **base, "seq": seq + 2, "text": "Got it."},
+                {**SENT, **base, "seq": seq + 3, "text": "Question?"},
                 {**base, "seq": seq + 4, "kind": "waiting", "timeout_at": None},
             ],
             ordered=True,
         )
-        await rows.find_one_and_update(
-            {"_id": "raw", "last_seq": {"$lte": seq + 4}},
-            {"$set": {"state": "waiting_for_reply", "needs_advance": False}, "$max": {"last_seq": seq + 4}},
-            return_document=ReturnDocument.AFTER,
-        )
+        state = {"state": "waiting_for_reply", "wake_at": None, "result": None, "error": None, "parked": False,
+                 "needs_advance": False, "updated_at": 1}  # fmt: skip
+        if middle_row_update:
+            await rows.update_one(
+                {"_id": "raw", "last_seq": seq, "run_seq": 1, "lease_owner": "me", "lease_until": 10},
+                {"$set": {**state, "last_seq": seq + 4}},
+            )
         await events.insert_many(
-            [{"conversation_id": "raw", "seq": seq + n, "kind": "delivered", "at": at, "message_id": f"raw:{seq + n}"}
+            [{"conversation_id": "raw", "seq": seq + n, "kind": "delivered", "at": AT, "message_id": f"raw:{seq + n}"}
              for n in (5, 6)],
             ordered=True,
         )  # fmt: skip
-        await rows.find_one_and_update(
-            {"_id": "raw", "last_seq": {"$lte": seq + 6}, "lease_owner": "me"},
-            {"$set": {"needs_advance": False, "lease_owner": None, "lease_until": None}, "$max": {"last_seq": seq + 6}},
-            return_document=ReturnDocument.AFTER,
+        await rows.update_one(
+            {"_id": "raw", "last_seq": {"$in": [seq, seq + 4]}, "run_seq": 1, "lease_owner": "me", "lease_until": 10},
+            {"$set": {**state, "last_seq": seq + 6, "lease_owner": None, "lease_until": None}},
         )
-    took = time.perf_counter() - began
+    took, cpu = time.perf_counter() - began, time.process_time() - cpu
     await client.close()
-    return turns / took
-
-
-async def count_operations(url: str, n: int, k: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Driver writes and reads per turn, by kind, on a run of n x k turns."""
-    store = await open_store(url)
-    assert isinstance(store, MongoStore)
-    counts: dict[str, int] = {}
-    store._events = CountedCollection(store._events, counts)  # type: ignore[assignment]
-    store._rows = CountedCollection(store._rows, counts)  # type: ignore[assignment]
-    async with Runner(store, NullChannel()) as runner:
-        for cid in ids("count", n):
-            await runner.start(chat, cid)
-        counts.clear()
-        for turn in range(k):
-            for cid in ids("count", n):
-                await runner.deliver(cid, f"answer {turn}")
-    await store.close()
-    turns = n * k
-    writes = {key: value / turns for key, value in counts.items() if key.rpartition(".")[2] in WRITE_METHODS}
-    reads = {key: value / turns for key, value in counts.items() if key.rpartition(".")[2] in READ_METHODS}
-    return writes, reads
+    return {"per_s": turns / took, "cpu_ms": 1000 * cpu / turns}
 
 
 async def cold_resume(url: str, sizes: list[int], repeats: int) -> dict[int, float]:
     """Seconds for a new store and runner to deliver one reply to a conversation with a log of each size."""
+    from dynaprompt.stores.mongo import _row_doc
+
     results: dict[int, float] = {}
     for size in sizes:
         turns = max((size - 4) // 6, 0)
@@ -244,8 +395,6 @@ async def cold_resume(url: str, sizes: list[int], repeats: int) -> dict[int, flo
             docs = [{"conversation_id": cid, **event.model_dump(mode="json")} for event in events]
             for start in range(0, len(docs), 1000):
                 await store.database["events"].insert_many(docs[start : start + 1000])
-            from dynaprompt.stores.mongo import _row_doc
-
             await store.database["conversations"].insert_one(_row_doc(row.model_copy(update={"id": cid}), len(docs)))
             await store.close()
             began = time.perf_counter()
@@ -281,68 +430,149 @@ def start_secantus(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("SecantusDB did not start")
 
 
+def child_main(argv: list[str]) -> None:
+    kind, url, *rest = argv
+    if kind == "turns":
+        prefix, n, k, tasks = rest
+        result = asyncio.run(child_turns(url, prefix, int(n), int(k), int(tasks)))
+    elif kind == "raw":
+        prefix, count, tasks, journal = rest
+        result = asyncio.run(child_raw(url, prefix, int(count), int(tasks), journal == "1"))
+    else:
+        n, k = rest
+        result = asyncio.run(child_count(url, int(n), int(k)))
+    print(json.dumps(result), flush=True)
+
+
+def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
+    run = f"bench_{os.getpid()}"
+    tasks = args.concurrency or args.n
+    variants: list[tuple[str, str | None]] = [("this tree", None)]
+    if args.baseline:
+        variants.insert(0, ("baseline", str(Path(args.baseline).resolve())))
+    figures: dict[str, Any] = {"concurrency": tasks, "costs": asyncio.run(write_costs(uri, args.rounds, 40))}
+    figures["raw_turn"] = asyncio.run(raw_turn_rate(uri, args.raw_turns))
+    figures["raw_turn_4"] = asyncio.run(raw_turn_rate(uri, args.raw_turns, middle_row_update=False))
+    for _, path in variants:
+        tag = "base" if path else "this"
+        count = f"{uri}/{run}_{tag}_count"
+        figures[f"count_{tag}"] = child_result(["--child", "count", count, str(args.count_n), str(args.count_k)], path)
+    # Each pass runs, for each layout, the yardstick and then the turns of each variant (the variants' order
+    # alternating from pass to pass), so that a ratio divides figures measured minutes apart at most: the
+    # server's journal flushes vary a lot on a shared machine. Medians over the passes are printed.
+    runs: dict[str, list[dict[str, float]]] = {}
+    for number in range(args.passes):
+        ordered = variants if number % 2 == 0 else variants[::-1]
+        for mode, concurrency in (("seq", 0), ("conc", tasks)):
+            for processes in (1, 3):
+                layout = f"{mode}{processes}"
+                yardstick = {}
+                for journal in (False, True):
+                    concern = "j" if journal else "default"
+                    url = f"{uri}/{run}_raw_{layout}_{concern}_{number}"
+                    yardstick[concern] = raw_inserts(url, processes, args.raw, concurrency, journal)
+                    runs.setdefault(f"raw_{layout}_{concern}", []).append(yardstick[concern])
+                for _, path in ordered:
+                    tag = "base" if path else "this"
+                    url = f"{uri}/{run}_{tag}_{layout}_{number}"
+                    result = turns(url, processes, args.n, args.k, concurrency, path)
+                    per_turn = sum(figures[f"count_{tag}"]["writes"].values())
+                    for concern, raw in yardstick.items():
+                        result[f"ratio_{concern}"] = result["per_s"] / (raw["per_s"] / per_turn)
+                    runs.setdefault(f"{tag}_{layout}", []).append(result)
+    for key, results in runs.items():
+        figures[key] = {name: statistics.median(result[name] for result in results) for name in results[0]}
+        figures[key]["each_per_s"] = [result["per_s"] for result in results]
+    sizes = [int(size) for size in args.log_sizes.split(",")]
+    figures["cold_resume_s"] = asyncio.run(cold_resume(f"{uri}/{run}_resume", sizes, args.repeats))
+    return figures
+
+
+def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
+    costs = figures["costs"]
+    unit = costs["insert_one (driver default)"]["ms"]
+    tasks = figures["concurrency"]
+    print(f"MongoDB store benchmark: {platform.python_implementation()} {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, server {'SecantusDB (child process)' if args.uri is None else 'given'}")  # fmt: skip
+    print("\nwhat a write costs (sequential, one client)   ms/call  insert_one calls   client CPU ms")
+    for kind, cost in costs.items():
+        print(f"  {kind:43s}{cost['ms']:7.2f}  {cost['ms'] / unit:10.2f}  {cost['cpu_ms']:17.2f}")
+    tags = ["base", "this"] if args.baseline else ["this"]
+    for tag in tags:
+        counted = figures[f"count_{tag}"]
+        writes, reads = counted["writes"], counted["reads"]
+        name = "baseline" if tag == "base" else "this tree"
+        print(f"\n{name}: driver writes per turn {sum(writes.values()):.2f} ("
+              + ", ".join(f"{key} {value:.2f}" for key, value in sorted(writes.items()))
+              + f"); reads per turn {sum(reads.values()):.2f}")  # fmt: skip
+        added = counted["turn_ms"] - counted["writes_ms"]
+        print(f"  a sequential turn took {counted['turn_ms']:.1f} ms, of which {counted['writes_ms']:.1f} ms awaiting "
+              f"the driver's writes: the runner and the store add {added:.1f} ms")  # fmt: skip
+        if tag == "this":
+            one_turn = (costs["update_one (driver default)"]["ms"] + 2 * costs["update_one, j=true"]["ms"]
+                        + costs["insert_many of 4, j=true"]["ms"]
+                        + costs["insert_many of 2, j=true"]["ms"])  # fmt: skip
+            print(f"  those writes at the costs above: {one_turn:.1f} ms = {one_turn / unit:.1f} insert_one calls")
+            for key, what in (("raw_turn", "all 5"), ("raw_turn_4", "without write 3 (the first row update)")):
+                print(f"  {what}, issued raw in a loop (no runner, no store): {figures[key]['per_s']:.1f} turns/s, "
+                      f"{figures[key]['cpu_ms']:.2f} ms client CPU a turn")  # fmt: skip
+    print(f"\nyardstick: raw insert_one of an event document       driver default      j=true (store's)"
+          f"   (medians of {args.passes} passes)")  # fmt: skip
+    layouts = (("raw_seq1", "sequential, 1 process"), ("raw_seq3", "sequential, 3 processes"),
+               ("raw_conc1", f"concurrent, {tasks} tasks, 1 process"),
+               ("raw_conc3", f"concurrent, {tasks} tasks, 3 processes"))  # fmt: skip
+    for key, label in layouts:
+        print(f"  {label:45s}{figures[key + '_default']['per_s']:10.0f} /s  {figures[key + '_j']['per_s']:10.0f} /s")
+    print("\nturns/s (N conv x K turns)          turns/s  CPU ms/turn  ratio vs insert_one: default  j=true"
+          "   (target 0.7)   turns/s of each pass")  # fmt: skip
+    for layout in ("seq1", "seq3", "conc1", "conc3"):
+        for tag in tags:
+            result = figures[f"{tag}_{layout}"]
+            label = f"{'sequential' if layout.startswith('seq') else f'{tasks} tasks'}, {layout[-1]} proc"
+            label += " (baseline)" if tag == "base" else ""
+            each = " ".join(f"{value:.1f}" for value in result["each_per_s"])
+            print(f"  {label:34s}{result['per_s']:8.1f}  {result['cpu_ms']:11.2f}  {result['ratio_default']:27.2f}  "
+                  f"{result['ratio_j']:6.2f}   {each}")  # fmt: skip
+    print(f"  ({args.n} conversations x {args.k} turns; medians over the passes, each ratio taken against the raw "
+          "insert_one run of the same layout just before it: sequential against sequential, concurrent against "
+          "concurrent)")  # fmt: skip
+    for events, seconds in figures["cold_resume_s"].items():
+        print(f"cold resume, log of {events:6d} events           {seconds * 1000:9.1f} ms")
+    print(json.dumps(figures))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--uri", default=os.environ.get("DYNAPROMPT_BENCH_MONGODB_URI"), help="a server to use")
     parser.add_argument("--n", type=int, default=60, help="conversations (divisible by 3)")
     parser.add_argument("--k", type=int, default=10, help="turns per conversation")
-    parser.add_argument("--raw", type=int, default=3000, help="insert_one calls for the yardstick")
+    parser.add_argument("--concurrency", type=int, default=0, help="tasks in the concurrent runs (0: N)")
+    parser.add_argument("--raw", type=int, default=600, help="insert_one calls for each yardstick run")
+    parser.add_argument("--passes", type=int, default=3, help="passes over the layouts (medians are printed)")
+    parser.add_argument("--raw-turns", type=int, default=200, help="turns of raw driver writes")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the write-cost table")
+    parser.add_argument("--count-n", type=int, default=20, help="conversations of the run that counts writes")
+    parser.add_argument("--count-k", type=int, default=5, help="turns each in the run that counts writes")
     parser.add_argument("--log-sizes", default="100,1000,10000", help="event counts for cold resume")
     parser.add_argument("--repeats", type=int, default=3, help="cold resumes per size (median)")
-    parser.add_argument("--child", nargs=4, metavar=("URL", "PREFIX", "N", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", help="a checkout whose dynaprompt to measure too, interleaved (before/after)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        url, prefix, n, k = args.child
-        asyncio.run(child(url, prefix, int(n), int(k)))
+        child_main(args.child)
         return
-
     with tempfile.TemporaryDirectory(prefix="bench-mongo-") as folder:
         server = None
         uri = args.uri
         if uri is None:
             server, uri = start_secantus(Path(folder))
-        uri = uri.rstrip("/")
         try:
-            run = f"bench_{os.getpid()}"
-            raw = asyncio.run(raw_insert_rate(uri, args.raw))
-            raw_turns = asyncio.run(raw_turn_rate(uri, max(args.raw // 5, 100)))
-            writes, reads = asyncio.run(count_operations(f"{uri}/{run}_count", 12, 5))
-            one = run_runners(f"{uri}/{run}_one", 1, args.n, args.k)
-            three = run_runners(f"{uri}/{run}_three", 3, args.n, args.k)
-            sizes = [int(size) for size in args.log_sizes.split(",")]
-            resume = asyncio.run(cold_resume(f"{uri}/{run}_resume", sizes, args.repeats))
+            figures = measure(args, uri.rstrip("/"))
         finally:
             if server is not None:
                 server.terminate()
                 server.wait(30)
-
-    per_turn = sum(writes.values())
-    budget = raw / per_turn
-    print(f"MongoDB store benchmark: {platform.python_implementation()} {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, server {'SecantusDB (child process)' if args.uri is None else 'given'}")  # fmt: skip
-    print(f"raw insert_one (sequential, one client)      {raw:9.0f} /s")
-    print(f"driver writes per turn                       {per_turn:9.2f}   "
-          + ", ".join(f"{key} {value:.2f}" for key, value in sorted(writes.items())))  # fmt: skip
-    print(f"driver reads per turn                        {sum(reads.values()):9.2f}   "
-          + ", ".join(f"{key} {value:.2f}" for key, value in sorted(reads.items())))  # fmt: skip
-    print(f"write budget: raw rate / writes per turn     {budget:9.1f} turns/s")
-    print(f"a turn's 5 driver writes alone, raw          {raw_turns:9.1f} turns/s   "
-          f"(= {raw / raw_turns:.1f} insert_one calls' time)")  # fmt: skip
-    for label, result in (("1 runner process", one), ("3 runner processes", three)):
-        ratio = result["turns_per_s"] / budget
-        verdict = "meets" if ratio >= 0.7 else "misses"
-        print(f"turns/s, {args.n} conv x {args.k} turns, {label:19s}{result['turns_per_s']:9.1f}   "
-              f"ratio {ratio:.2f} ({verdict} the 0.7 target); "
-              f"{result['turns_per_s'] / raw_turns:.2f} of the raw turn writes")  # fmt: skip
-    for events, seconds in resume.items():
-        print(f"cold resume, log of {events:6d} events           {seconds * 1000:9.1f} ms")
-    print(json.dumps({
-        "raw_insert_one_per_s": raw, "raw_turn_writes_per_s": raw_turns,
-        "writes_per_turn": writes, "reads_per_turn": reads,
-        "turns_per_s_1": one["turns_per_s"], "turns_per_s_3": three["turns_per_s"],
-        "ratio_1": one["turns_per_s"] / budget, "ratio_3": three["turns_per_s"] / budget,
-        "cold_resume_s": resume,
-    }))  # fmt: skip
+    report(args, figures)
 
 
 if __name__ == "__main__":

@@ -207,10 +207,11 @@ def test_reference_run_writes_every_kind_of_document(reference: Reference) -> No
     always = {
         "events.insert_many",  # the events of an append or a create
         "conversations.insert_one",  # a new conversation's row
-        "conversations.find_one_and_update",  # an append's row update (releasing the lease with it), or a lease taken
+        "conversations.update_one",  # an append's row update (a compare-and-swap, maybe releasing), a claim
+        "conversations.find_one_and_update",  # a lease taken before a call (the row is read back)
     }
     assert always <= kinds
-    assert kinds - always <= {"conversations.update_one"}  # a lease released on its own; nothing else
+    assert kinds == always
     assert ("out", "Goodbye, Ann! (bye)") in reference.transcript
 
 
@@ -219,7 +220,12 @@ def test_kill_points_include_the_gap_between_an_events_insert_and_its_row_update
     assert len(gaps) >= 2
     assert {(kind_of(case.label), case.position) for case in crash_cases} >= {
         (kind, position)
-        for kind in ("events.insert_many", "conversations.insert_one", "conversations.find_one_and_update")
+        for kind in (
+            "events.insert_many",
+            "conversations.insert_one",
+            "conversations.update_one",
+            "conversations.find_one_and_update",
+        )
         for position in ("before", "after")
     }
 

@@ -24,6 +24,7 @@ from pymongo.errors import AutoReconnect
 from dynaprompt import Runner, dialog, finish, open_store, send, sleep_until, wait_for_reply
 from dynaprompt.errors import CorruptEventError, StoreUnavailableError
 from dynaprompt.events import ReplyReceived, Started
+from dynaprompt.stores.base import ConversationRow, RowUpdate
 from dynaprompt.stores.mongo import MongoStore
 from dynaprompt.testing import ListChannel, VirtualClock
 
@@ -152,6 +153,114 @@ async def test_corrupt_event_document_names_the_conversation_and_seq(store: Mong
     await store.database["events"].update_one({"conversation_id": "ann", "seq": 2}, {"$set": {"text": 42}})
     with pytest.raises(CorruptEventError, match=r"'ann'.*seq 2.*text"):
         await store.load("ann")
+
+
+# -- row updates as a compare-and-swap on the row the store last saw ------------------------------
+
+
+class CountedCalls:
+    """One of the store's collections, listing the calls made through it (with the write concern's ``j``)."""
+
+    def __init__(self, collection: Any, calls: list[str]) -> None:
+        self.collection = collection
+        self.calls = calls
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.collection, name)
+        if name in ("update_one", "find_one_and_update", "insert_one", "insert_many", "find_one", "find"):
+            journaled = "j" if self.collection.write_concern.document.get("j") else "no j"
+            self.calls.append(f"{self.collection.name}.{name} ({journaled})")
+        return method
+
+
+async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoStore, clock: VirtualClock) -> None:
+    calls: list[str] = []
+    for attribute in ("_events", "_rows", "_claims"):
+        setattr(store, attribute, CountedCalls(getattr(store, attribute), calls))
+    async with Runner(store, clock=clock, cache_size=16) as runner:  # warm, even when the suite runs with 0
+        await runner.start(counter, "ann")
+        calls.clear()
+        status = await runner.deliver("ann", "one")
+    assert calls == [
+        "conversations.update_one (no j)",  # the claim: the journal flush of the insert after it covers it
+        "events.insert_many (j)",  # the reply, the bot's message, the wait
+        "conversations.update_one (j)",  # the row, as a compare-and-swap: nothing read back
+        "events.insert_many (j)",  # the delivered mark
+        "conversations.update_one (j)",  # the row again, dropping the lease
+    ]
+    stored = await store.database["conversations"].find_one({"_id": "ann"})
+    assert stored is not None
+    assert (status.state, status.last_seq) == ("waiting_for_reply", stored["last_seq"])
+    assert (stored["lease_owner"], stored["lease_until"], stored["needs_advance"]) == (None, None, False)
+    fresh = await open_store(store.url)  # what another process reads equals what this store returned
+    try:
+        assert await fresh.get("ann") == store._seen["ann"]
+    finally:
+        await fresh.close()
+
+
+async def test_a_row_changed_by_another_store_is_read_back_not_guessed(mongodb_url: str, clock: VirtualClock) -> None:
+    """The store's view of the row is only a hint: another writer took the lease meanwhile, so the append's
+    compare-and-swap misses and the row is updated and read back as before, leaving the new holder's lease."""
+    ours, theirs = await open_store(mongodb_url), await open_store(mongodb_url)
+    try:
+        assert isinstance(ours, MongoStore)
+        now = clock.now()
+        started = Started(seq=1, at=now, dialog="mongo-test-counter")
+        row = ConversationRow(
+            id="bo", dialog="mongo-test-counter", state="waiting_for_reply", last_seq=1, updated_at=now,
+            lease_owner="ours", lease_until=now + timedelta(seconds=1),
+        )  # fmt: skip
+        await ours.create(row, [started])
+        later = now + timedelta(seconds=5)  # our lease has expired: another runner takes it
+        assert await theirs.acquire("bo", "theirs", later + timedelta(seconds=30), later) is not None
+        reply = ReplyReceived(seq=2, at=later, text="hi")
+        update = RowUpdate(
+            state="waiting_for_reply", needs_advance=False, parked=False, release_owner="ours",
+            clear=frozenset({"wake_at", "result", "error"}),
+        )  # fmt: skip
+        written = await ours.append("bo", [reply], update, later)
+        assert (written.last_seq, written.lease_owner) == (2, "theirs")
+        assert written == await theirs.get("bo")
+    finally:
+        await ours.close()
+        await theirs.close()
+
+
+async def test_a_row_update_whose_answer_was_lost_returns_the_row_as_stored(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """The compare-and-swap went through but its answer was lost: the retry misses (the row moved), and the
+    row is updated again guarded by its last_seq and read back, not written twice or left leased."""
+    rows = store._rows
+
+    class AnswerLost:
+        def __init__(self) -> None:
+            self.lost = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(rows, name)
+
+        async def update_one(self, query: dict[str, Any], change: dict[str, Any], **kwargs: Any) -> Any:
+            result = await rows.update_one(query, change, **kwargs)
+            if self.lost < 3:
+                self.lost += 1
+                raise AutoReconnect("connection reset after the write (injected)")
+            return result
+
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock) as runner:
+        await runner.start(counter, "ann")
+        store._rows = AnswerLost()  # type: ignore[assignment]
+        status = await runner.deliver("ann", "one")
+        store._rows = rows
+        again = await runner.deliver("ann", "two")
+    stored = await store.get("ann")
+    assert stored is not None
+    assert (status.state, again.last_seq, stored.last_seq, stored.lease_owner) == (
+        "waiting_for_reply", stored.last_seq, stored.last_seq, None,
+    )  # fmt: skip
+    assert channel.texts() == ["1: one", "2: two"]
 
 
 # -- stores on clients the application already has -------------------------------------------

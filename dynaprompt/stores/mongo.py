@@ -15,7 +15,12 @@ No multi-document transactions (a standalone server has none). An append is an o
 ``insert_many`` of the events followed by one update of the conversation document; a crash
 between the two leaves a valid prefix of the log and a stale row, which :meth:`MongoStore.get`
 repairs from the log (the log is the truth, the row an index rebuilt from it). Leases change
-through ``find_one_and_update`` with a filter: an atomic single-document compare-and-set.
+through updates with a filter: an atomic single-document compare-and-set.
+
+The row update of an append is an ``update_one`` whose filter holds every field the update leaves
+alone, as this store last saw them: when it matches, the new row is known without reading it back
+(no ``find_one_and_update``, no validation of a document read back); when it misses (another writer
+changed the row), the update is made as before and the row read back.
 
 Network failures are retried with backoff a bounded number of times, for reads and for writes
 whose outcome can be checked (an event insert re-reads which of its sequence numbers hold our
@@ -25,6 +30,7 @@ events before trying again); then :class:`~dynaprompt.errors.StoreUnavailableErr
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -50,6 +56,8 @@ _MICROSECOND = timedelta(microseconds=1)
 _ROW_UPDATE_FIELDS = (
     "dialog", "state", "wake_at", "run", "run_seq", "result", "error", "parked", "needs_advance", "tz",
 )  # fmt: skip
+_STATE_FIELDS = frozenset({"state", "wake_at", "result", "error", "parked", "needs_advance"})
+_SEEN_LIMIT = 4096  # rows remembered per store for _swap_row (a hint: a miss costs one read-back)
 _UNKNOWN = object()  # a write check that could not tell whether the write happened
 
 
@@ -122,12 +130,17 @@ class MongoStore:
         # An acknowledged write must survive the server being killed: journaled unless the client or URL chose
         # a write concern of its own (w=majority on a replica set journals too, by the server's default).
         concern = database.write_concern
+        # A claim need not wait for the journal on its own: the events insert that follows it in the same
+        # append does (on one server the journal is sequential, so that flush covers the claim); a claim lost
+        # with the server is a lease lost, which the unique (conversation_id, seq) index makes harmless.
+        self._claims = database.get_collection("conversations")
         if concern.is_server_default:
             concern = WriteConcern(j=True)
         self._events = database.get_collection("events", write_concern=concern)
         self._rows = database.get_collection("conversations", write_concern=concern)
         self._schedules = database.get_collection("schedules", write_concern=concern)
         self._indexed = False
+        self._seen: OrderedDict[str, ConversationRow] = OrderedDict()
 
     @classmethod
     async def open(
@@ -220,8 +233,9 @@ class MongoStore:
         found, top = await self._retry("get", read)
         if found is None:
             return None if top is None else await self._rebuild(conversation_id)
-        row = _row(found)
+        row = self._saw(_row(found))
         if top is not None and top["seq"] > row.last_seq:
+            self._seen.pop(conversation_id, None)
             row = row.model_copy(update={"last_seq": top["seq"], "needs_advance": True})
             await self._retry(
                 "repair",
@@ -281,6 +295,7 @@ class MongoStore:
             await self._retry("create", lambda: self._rows.insert_one(dict(doc)), self._same_doc(self._rows, doc))
         except DuplicateKeyError as exc:
             raise ConflictError(row.id, events[0].seq if events else 1) from exc
+        self._saw(row if row.last_seq == last_seq else row.model_copy(update={"last_seq": last_seq}))
 
     async def append(
         self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
@@ -301,6 +316,10 @@ class MongoStore:
             value = getattr(update, name)
             if value is not None or name in update.clear:
                 changes[name] = _us(value) if name == "wake_at" else value
+        if events:
+            written = await self._swap_row(conversation_id, events[0].seq, events[-1].seq, update, changes, now)
+            if written is not None:
+                return written
         operation: Document = {"$set": changes}
         # The row update is a separate write, so another writer may have appended past our events in
         # between (a reply made durable without the lease). Each attempt below is guarded so that it
@@ -335,7 +354,43 @@ class MongoStore:
             from dynaprompt.errors import UnknownConversationError
 
             raise UnknownConversationError(conversation_id)
-        return _row(found)
+        return self._saw(_row(found))
+
+    async def _swap_row(
+        self, conversation_id: str, first_seq: int, last_seq: int, update: RowUpdate, changes: Document, now: datetime
+    ) -> ConversationRow | None:
+        """The row update of an append as a compare-and-swap on the row this store last saw: the new row, or
+        None when the store has not seen the row or it changed meanwhile (then ``append`` reads it back).
+
+        When every field the update leaves alone is still what this store saw (the filter says so), the new
+        document is known without reading it: ``update_one`` instead of ``find_one_and_update``, and no
+        validation of a document read back. Only for updates that set every state field (an advance's
+        flush does), so the filter compares scalars only, never a dialog's JSON result.
+        """
+        seen = self._seen.get(conversation_id)
+        if seen is None or seen.last_seq != first_seq - 1 or not _STATE_FIELDS <= changes.keys():
+            return None
+        query: Document = {
+            "_id": conversation_id, "last_seq": seen.last_seq, "run_seq": seen.run_seq, "run": seen.run,
+            "dialog": seen.dialog, "tz": seen.tz, "lease_owner": seen.lease_owner, "lease_until": _us(seen.lease_until),
+        }  # fmt: skip
+        row = update.apply(seen, last_seq, now)
+        change = {**changes, "last_seq": last_seq}
+        if row.lease_owner is None and seen.lease_owner is not None:
+            change["lease_owner"] = change["lease_until"] = None
+        result = await self._retry("append", lambda: self._rows.update_one(query, {"$set": change}))
+        if result.matched_count != 1:
+            self._seen.pop(conversation_id, None)
+            return None
+        return self._saw(row)
+
+    def _saw(self, row: ConversationRow) -> ConversationRow:
+        """Remember ``row`` as this store's latest view of it (a hint for ``_swap_row``, checked there)."""
+        self._seen.pop(row.id, None)
+        self._seen[row.id] = row
+        if len(self._seen) > _SEEN_LIMIT:
+            del self._seen[next(iter(self._seen))]
+        return row
 
     async def _claim(self, conversation_id: str, claim: Claim, seq: int) -> None:
         """Take the lease if the row is as the claim expects (see ``Claim``), else ``ConflictError``."""
@@ -344,14 +399,22 @@ class MongoStore:
             "needs_advance": False,
             "$or": [{"lease_until": None}, {"lease_owner": claim.owner}, {"lease_until": {"$lte": _us(claim.now)}}],
         }  # fmt: skip
+        # update_one, not find_one_and_update: the filter says all the runner needs to know. Retried after a
+        # network failure, a claim that did land still matches (the lease is then ours), so it is idempotent.
         claimed = await self._retry(
             "append",
-            lambda: self._rows.find_one_and_update(
-                query, {"$set": {"lease_owner": claim.owner, "lease_until": _us(claim.until)}}, projection={"_id": 1}
+            lambda: self._claims.update_one(
+                query, {"$set": {"lease_owner": claim.owner, "lease_until": _us(claim.until)}}
             ),
         )
-        if claimed is None:
+        seen = self._seen.get(conversation_id)
+        if claimed.matched_count != 1:
+            self._seen.pop(conversation_id, None)
             raise ConflictError(conversation_id, seq)
+        if seen is not None and (seen.last_seq, seen.run_seq) == (claim.last_seq, claim.run_seq):
+            self._seen[conversation_id] = seen.model_copy(
+                update={"lease_owner": claim.owner, "lease_until": claim.until, "parked": False, "needs_advance": False}
+            )
 
     async def _insert_events(self, conversation_id: str, events: list[Event]) -> None:
         if not events:
@@ -411,7 +474,7 @@ class MongoStore:
                 return_document=ReturnDocument.AFTER,
             ),
         )
-        return None if found is None else _row(found)
+        return None if found is None else self._saw(_row(found))
 
     async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
         query: Document = {"_id": conversation_id, "lease_owner": owner}
@@ -429,7 +492,11 @@ class MongoStore:
             return True if found["lease_owner"] is None else _UNKNOWN
 
         result = await self._retry("release", lambda: self._rows.update_one(query, dropped), check)
-        return result if isinstance(result, bool) else result.modified_count == 1
+        released = result if isinstance(result, bool) else result.modified_count == 1
+        seen = self._seen.pop(conversation_id, None)
+        if released and seen is not None and seen.lease_owner == owner and last_seq in (None, seen.last_seq):
+            self._saw(seen.model_copy(update={"lease_owner": None, "lease_until": None}))
+        return released
 
     async def due(self, now: datetime, limit: int) -> list[str]:
         """Conversations needing attention (unconsumed input, a lease left to expire) first, then
