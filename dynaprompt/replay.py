@@ -137,6 +137,10 @@ class Execution:
     # Effect and outcome events (not inputs) in the log so far: the place of the next effect in the run. Counted,
     # because ``log`` only keeps what is still unread (see ``_outcome``).
     effect_events: int = 0
+    # Set by an advance that stopped at a timer already due because sends fell due before it (the timer's
+    # instant): the runner hands over the sends due by then first, as an on-time runner would have, then
+    # advances again.
+    deliver_first: datetime | None = None
 
     @classmethod
     def begin(cls, conversation_id: str, dialog: Dialog, started: Started, history: Sequence[Event] = ()) -> Execution:
@@ -244,6 +248,7 @@ class Execution:
         Raises ``NondeterminismError`` (and records nothing more) when the code
         yields something other than the log holds.
         """
+        self.deliver_first = None
         if self._awaiting_call is not None:
             return self._outcome("running", call=self._awaiting_call)
         while self.state not in _ENDED:
@@ -511,6 +516,15 @@ class Execution:
                 )
         deadline = blocked.timeout_at if isinstance(blocked, Waiting) else blocked.until
         if deadline is not None and deadline <= now:
+            # Caught up late (no runner was up at the deadline): a scheduled send due at or before the deadline
+            # was due first, so it is handed over before the timer fires and the dialog goes on (a cancel after
+            # the sleep must find it delivered). Decided from the log alone, so a replay decides the same.
+            # Immediate sends are handed over as they are recorded; one a channel refused does not hold
+            # the timer up.
+            first = min((sent.due_at for sent in self.outbox.values() if sent.due_at is not None), default=None)
+            if first is not None and first <= deadline:
+                self.deliver_first = deadline
+                return False
             self._record(build(TimerFired, seq=self.last_seq + 1, at=now, for_seq=blocked.seq))
             self.cursor = len(self.log)
             self._pending = None

@@ -728,7 +728,14 @@ class Runner:
                 await self._forget(conversation_id, execution)
                 raise
             if outcome.call is None:
-                break
+                if execution.deliver_first is None:
+                    break
+                # Caught up late: sends fell due before a timer that is due too. They go first, then the timer.
+                await self._flush(conversation_id, execution, now, outcome.events, force=row_stale, claim=claim)
+                claim, row_stale = None, False
+                if await self._hand_off(conversation_id, execution, now, due_by=execution.deliver_first) is None:
+                    return None  # the channel refused one: the timer waits for the next pass (the caller releases)
+                continue
             await self._flush(conversation_id, execution, now, outcome.events, claim=claim)
             claim = None
             await self._hand_off(conversation_id, execution, now)
@@ -801,10 +808,17 @@ class Runner:
             self._changed.set()
 
     async def _hand_off(
-        self, conversation_id: str, execution: Execution, now: datetime, *, release: bool = False
+        self,
+        conversation_id: str,
+        execution: Execution,
+        now: datetime,
+        *,
+        release: bool = False,
+        due_by: datetime | None = None,
     ) -> ConversationRow | None:
-        """Hand due messages to the channel and record them delivered; the row of that append (see ``_flush``)."""
-        due = execution.due_messages(now)
+        """Hand the messages due by ``due_by`` (default ``now``) to the channel and record them delivered; the
+        row of that append (see ``_flush``), or None if none was handed over."""
+        due = execution.due_messages(due_by or now)
         if not due:
             return None
         handed: list[str] = []

@@ -501,7 +501,12 @@ class Driven:
             outcome = await execution.advance(self.now)
             self.log += outcome.events
             if outcome.call is None:
-                break
+                if execution.deliver_first is None:
+                    break
+                # caught up late: the scheduled sends due before the timer are handed over first
+                due = [f"{CONVERSATION}:{sent.seq}" for sent in execution.due_messages(execution.deliver_first)]
+                self.log += execution.mark_delivered(due, self.now)
+                continue
             effect = outcome.call
             try:
                 result = effect.fn(*effect.arguments, **effect.keywords)

@@ -349,6 +349,47 @@ async def test_cancelled_scheduled_send_is_never_delivered_nor_in_the_transcript
     assert (await runner.status("c1")).wake_at is None
 
 
+async def test_a_late_runner_catches_up_in_due_order_sends_before_a_later_timer(
+    runner: Runner, channel: ListChannel, clock: VirtualClock
+) -> None:
+    """No runner was up from before a scheduled send (due in 1 hour) until after a sleep that ends later (in 2
+    hours): on catching up, the send is handed over first, as it would have been on time, so the cancel
+    after the sleep finds it delivered."""
+
+    @dialog
+    async def reminder_then_cleanup():
+        message_id = yield send("Stretch!", at="in 1 hour")
+        yield sleep(timedelta(hours=2))
+        cancelled = yield cancel(message_id)
+        yield send(f"cancelled={cancelled}")
+        yield wait_for_reply()
+
+    await runner.start(reminder_then_cleanup, "c1")
+    clock.advance(timedelta(hours=3))
+    await runner.run_due()
+    assert channel.texts() == ["Stretch!", "cancelled=False"]
+    assert [text for _, text in await texts(runner, "c1")] == ["Stretch!", "cancelled=False"]
+    assert (await runner.status("c1")).state == "waiting_for_reply"
+
+
+async def test_a_late_timeout_also_waits_for_the_sends_due_before_it(
+    runner: Runner, channel: ListChannel, clock: VirtualClock
+) -> None:
+    @dialog
+    async def nudge():
+        yield send("Reminder: standup", at="in 10 minutes")
+        reply = yield wait_for_reply(timeout="30 minutes")
+        yield send("no answer" if reply is None else f"got {reply.text}")
+        yield wait_for_reply()
+
+    await runner.start(nudge, "c1")
+    clock.advance(timedelta(hours=1))
+    await runner.run_due()
+    assert channel.texts() == ["Reminder: standup", "no answer"]
+    messages = {m.text: m for m in channel.messages}
+    assert messages["Reminder: standup"].metadata["due_at"] == "2026-01-05T09:10:00+00:00"
+
+
 async def test_scheduled_send_of_an_ended_conversation_is_still_delivered_once(
     runner: Runner, channel: ListChannel, clock: VirtualClock
 ) -> None:
