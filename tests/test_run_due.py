@@ -240,10 +240,21 @@ class ClaimOutlivesItsCaller(MemoryStore):
         self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
     ) -> ConversationRow | None:
         row = await super().acquire(conversation_id, owner, until, now, steal_from=steal_from)
+        await self._outlive()
+        return row
+
+    async def append(
+        self, conversation_id: str, events: list[Any], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        row = await super().append(conversation_id, events, update, now)
+        if update.claim is not None:  # a warm conversation claims with its first append
+            await self._outlive()
+        return row
+
+    async def _outlive(self) -> None:
         if self.armed:
             self.claimed.set()
             await anyio.sleep_forever()
-        return row
 
 
 async def test_a_claim_that_committed_as_its_fire_was_cancelled_is_released(clock: VirtualClock) -> None:
