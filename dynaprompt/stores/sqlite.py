@@ -354,9 +354,8 @@ class SQLiteStore:
                     raise
                 self.commits += 1
             except sqlite3.Error as exc:  # the whole batch failed (locked, disk I/O, ...): nothing was committed
-                busy = _is_busy(exc)
                 for write in writes:
-                    write.result, write.error, write.busy = None, None if busy else self._unavailable(exc), busy
+                    self._failed(write, exc)
             except BaseException:
                 for write in writes:
                     if write.error is None:
@@ -390,8 +389,13 @@ class SQLiteStore:
                 raise
             self.commits += 1
         except sqlite3.Error as exc:
-            busy = _is_busy(exc)
-            write.result, write.error, write.busy = None, None if busy else self._unavailable(exc), busy
+            self._failed(write, exc)
+
+    def _failed(self, write: _Write, exc: sqlite3.Error) -> None:
+        """Settle a write whose transaction failed as a whole: to be tried again if another connection held
+        the lock (nothing of it ran), else ``StoreUnavailableError``."""
+        busy = _is_busy(exc)
+        write.result, write.error, write.busy = None, None if busy else self._unavailable(exc), busy
 
     def _run_one(self, write: _Write) -> bool:
         """Run one write's statements; False (its error kept) if they failed on their own: a duplicate key, or
