@@ -274,16 +274,12 @@ class Runner:
                     # moved since this runner last wrote (see Claim): one commit a turn fewer. If something
                     # did, the append writes nothing, and the claim-first path below takes over.
                     del self._cache[conversation_id]
-                    claim = build(
-                        Claim, owner=self.owner, until=now + self.lease, now=now, last_seq=cached.last_seq,
-                        run_seq=cached.started.seq,
-                    )  # fmt: skip
+                    claim = self._claim(cached, now)
                     reply = cached.input_reply(text, json_metadata, now)
                     try:
                         return await self._advance_and_release(conversation_id, cached, claim=claim)
                     except ConflictError:
-                        stored = await self.store.load(conversation_id, reply.seq - 1)
-                        recorded = reply if stored and stored[0] == reply else None
+                        recorded = await self._in_log(conversation_id, reply)
                         continue
                 # The lease is usually free: claim it at once and read the row only when that fails.
                 leased = await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
@@ -328,8 +324,7 @@ class Runner:
                     # The advance may have appended our reply before it lost the race (it flushes before a
                     # call): then the retry must advance the log as it is, never record the reply again.
                     if recorded is None:
-                        stored = await self.store.load(conversation_id, reply.seq - 1)
-                        recorded = reply if stored and stored[0] == reply else None
+                        recorded = await self._in_log(conversation_id, reply)
                     continue
             raise DynapromptError(f"conversation {conversation_id!r}: gave up after {_MAX_ATTEMPTS} conflicting writes")
 
@@ -575,12 +570,8 @@ class Runner:
             cached = self._cache.pop(conversation_id, None)
             if cached is not None:
                 # Warm, as in deliver(): advance first, and let the first append take the lease if nothing moved.
-                claim = build(
-                    Claim, owner=self.owner, until=now + self.lease, now=now, last_seq=cached.last_seq,
-                    run_seq=cached.started.seq,
-                )  # fmt: skip
                 try:
-                    await self._advance_and_release(conversation_id, cached, claim=claim)
+                    await self._advance_and_release(conversation_id, cached, claim=self._claim(cached, now))
                     return
                 except ConflictError:
                     now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
@@ -626,6 +617,20 @@ class Runner:
                     return
                 leased = retaken
                 execution = await self._execution(leased)
+
+    async def _in_log(self, conversation_id: str, reply: ReplyReceived) -> ReplyReceived | None:
+        """``reply`` if the log holds it at its seq (an advance that lost a race may have appended it), else
+        None."""
+        stored = await self.store.load(conversation_id, reply.seq - 1)
+        return reply if stored and stored[0] == reply else None
+
+    def _claim(self, cached: Execution, now: datetime) -> Claim:
+        """The lease claim for advancing ``cached`` without holding it: granted only if the conversation is
+        where this runner last left it (see ``Claim``)."""
+        return build(
+            Claim, owner=self.owner, until=now + self.lease, now=now, last_seq=cached.last_seq,
+            run_seq=cached.started.seq,
+        )  # fmt: skip
 
     async def _execution(self, row: ConversationRow) -> Execution:
         """The conversation's execution, from the cache if it is current, else replayed from the log."""
