@@ -273,13 +273,11 @@ class Execution:
                         try:
                             effect = step(*feed)
                         except Done as done:
-                            await frame.close()
                             await self._frame_ended(done.value, None, now)
                             break
                         except NondeterminismError:
                             raise
                         except Exception as raised:  # the dialog's own code raised
-                            await frame.close()
                             await self._frame_ended(None, raised, now)
                             break
                         handle(effect, now)
@@ -315,19 +313,19 @@ class Execution:
             else:
                 effect = frame.step(value, exc)
         except Done as done:
-            await frame.close()
             await self._frame_ended(done.value, None, now)
             return
         except NondeterminismError:
             raise
         except Exception as raised:  # the dialog's own code raised
-            await frame.close()
             await self._frame_ended(None, raised, now)
             return
         self._handle(effect, now)
 
     async def _frame_ended(self, value: Any, exc: BaseException | None, now: datetime) -> None:
+        """The top frame returned ``value`` or raised ``exc``: close it and record how it ended."""
         frame = self.frames.pop()
+        await frame.close()
         seq = self.last_seq + 1
         if exc is None:
             try:
