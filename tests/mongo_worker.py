@@ -29,6 +29,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ from dynaprompt import Runner, call, dialog, open_store, send, wait_for_reply
 from dynaprompt.stores.mongo import MongoStore
 from dynaprompt.testing import VirtualClock
 
+_PRINTING = threading.Lock()
 WRITE_METHODS = ("insert_one", "insert_many", "update_one", "find_one_and_update", "delete_one")
 
 
@@ -49,7 +51,11 @@ WRITE_METHODS = ("insert_one", "insert_many", "update_one", "find_one_and_update
 def checkpoint(text: str) -> str:
     """The side effect of each turn; blocks forever in a runner started with MONGO_WORKER_BLOCK=1."""
     if os.environ.get("MONGO_WORKER_BLOCK") == "1":
-        print(f"BLOCKED {text}", flush=True)
+        # Calls run in worker threads at once: print() writes the text and the newline separately, so two
+        # threads could interleave them into one line. One write of the whole line, under a lock, cannot.
+        with _PRINTING:
+            sys.stdout.write(f"BLOCKED {text}\n")
+            sys.stdout.flush()
         while True:  # the parent SIGKILLs us here, holding the lease
             time.sleep(1)
     return text.upper()
