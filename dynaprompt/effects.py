@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, JsonValue
+from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
 from dynaprompt.errors import InvalidInputError, NotTextError
 from dynaprompt.events import build
@@ -189,6 +189,22 @@ class SetTimezone(Effect):
 # effect. Any other value goes through the validating constructor, as before. Effects without fields (or with
 # their defaults) are immutable, so one instance serves every call.
 _WAIT_FOR_REPLY = WaitForReply(timeout=None)
+_E = TypeVar("_E", bound=Effect)
+
+
+def _validated(cls: type[_E], call: str, **values: Any) -> _E:
+    """``cls(**values)``, with a value of the wrong kind reported as ``InvalidInputError`` naming the effect
+    and the argument: a dialog's mistake gets one of the library's errors, not pydantic's ``ValidationError``."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        errors = exc.errors()
+        argument = errors[0]["loc"][0] if errors[0]["loc"] else "argument"
+        # A union (a time as datetime or phrase) fails once per alternative: say each.
+        reasons = dict.fromkeys(e["msg"] for e in errors if e["loc"][:1] == (argument,))
+        raise InvalidInputError(f"{call}(): {argument}={errors[0]['input']!r:.80}: {'; or '.join(reasons)}") from None
+
+
 _NOW = Now()
 
 
@@ -214,7 +230,7 @@ def send(
         return build(Send, text=text, at=None, to=to, metadata={})  # the common case: nothing to validate
     if at is not None and not isinstance(at, datetime | str):
         raise InvalidInputError(f"send(at=...) takes a datetime or a string, not {type(at).__name__}")
-    return Send(text=text, at=at, to=to, metadata=metadata or {})
+    return _validated(Send, "send", text=text, at=at, to=to, metadata=metadata or {})
 
 
 def wait_for_reply(*, timeout: DurationSpec | None = None) -> WaitForReply:
@@ -227,7 +243,7 @@ def wait_for_reply(*, timeout: DurationSpec | None = None) -> WaitForReply:
     """
     if timeout is None:
         return _WAIT_FOR_REPLY
-    return WaitForReply(timeout=timeout)
+    return _validated(WaitForReply, "wait_for_reply", timeout=timeout)
 
 
 def sleep_until(when: TimeSpec) -> SleepUntil:
@@ -239,14 +255,14 @@ def sleep_until(when: TimeSpec) -> SleepUntil:
     """
     if type(when) is str or type(when) is datetime:
         return build(SleepUntil, when=when)
-    return SleepUntil(when=when)
+    return _validated(SleepUntil, "sleep_until", when=when)
 
 
 def sleep(duration: DurationSpec) -> Sleep:
     """Sleep for ``duration`` (a timedelta, seconds, or ``"90 minutes"``); the result is the wake instant."""
     if type(duration) is str or type(duration) is timedelta or type(duration) is float:
         return build(Sleep, duration=duration)
-    return Sleep(duration=duration)
+    return _validated(Sleep, "sleep", duration=duration)
 
 
 def now() -> Now:
@@ -271,14 +287,14 @@ def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Call:
 
 def finish(value: JsonValue = None) -> Finish:
     """End the dialog with ``value`` as its result (a sub-dialog's ``yield`` returns it)."""
-    return Finish(value=value)
+    return _validated(Finish, "finish", value=value)
 
 
 def cancel(message_id: str) -> Cancel:
     """Cancel a scheduled ``send`` not yet delivered; the result is ``True`` if it was cancelled."""
     if type(message_id) is str:
         return build(Cancel, message_id=message_id)
-    return Cancel(message_id=message_id)
+    return _validated(Cancel, "cancel", message_id=message_id)
 
 
 def set_timezone(zone: str) -> SetTimezone:
@@ -289,4 +305,4 @@ def set_timezone(zone: str) -> SetTimezone:
     """
     if type(zone) is str:
         return build(SetTimezone, zone=zone)
-    return SetTimezone(zone=zone)
+    return _validated(SetTimezone, "set_timezone", zone=zone)

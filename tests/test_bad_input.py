@@ -173,6 +173,33 @@ async def test_uncaught_time_parse_error_fails_the_conversation_naming_it(runner
     assert await replies(runner, "c1") == ["the twelfth of never"]
 
 
+async def test_an_effect_given_a_bad_value_fails_only_its_conversation_naming_it(
+    runner: Runner, channel: ListChannel
+) -> None:
+    """``send(to=5)`` in a dialog is the dialog's mistake: ``InvalidInputError`` at that ``yield`` (catchable
+    there), and if uncaught its conversation fails naming the effect and the argument; others go on."""
+
+    @dialog
+    async def addressed():
+        reply = yield wait_for_reply()
+        try:
+            yield send("hi", to=int(reply.text))  # type: ignore[arg-type]
+        except InvalidInputError:
+            yield send("caught")
+        yield send("again", to=int(reply.text))  # type: ignore[arg-type]
+
+    await runner.start(addressed, "bad")
+    await runner.start(echo, "good")
+    status = await runner.deliver("bad", "5")
+    assert status.state == "failed"
+    assert status.error is not None
+    assert status.error.startswith("InvalidInputError: send(): to=5")
+    assert channel.texts("bad") == ["caught"]
+    assert await replies(runner, "bad") == ["5"]
+    await runner.deliver("good", "hello")
+    assert channel.texts("good") == ["echo hello"]
+
+
 async def test_unknown_time_zone_is_a_clear_error(store: Store, clock: VirtualClock) -> None:
     with pytest.raises(UnknownTimeZoneError, match="Mars/Olympus_Mons"):
         Runner(store, clock=clock, tz="Mars/Olympus_Mons")

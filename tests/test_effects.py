@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from dynaprompt import DynapromptError, call, cancel, now, send, sleep, sleep_until, wait_for_reply
+from dynaprompt import call, cancel, finish, now, send, sleep, sleep_until, wait_for_reply
 from dynaprompt.effects import (
     Call,
     Cancel,
@@ -84,21 +84,28 @@ def test_effects_are_frozen_and_hold_their_own_containers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("make", "error"),
+    ("make", "error", "named"),
     [
-        (lambda: send(42), NotTextError),  # type: ignore[arg-type]
-        (lambda: send("hi", at=5), InvalidInputError),  # type: ignore[arg-type]
-        (lambda: call("not callable"), InvalidInputError),  # type: ignore[arg-type]
-        (lambda: send("hi", to=5), ValidationError),  # type: ignore[arg-type]
-        (lambda: send("hi", metadata={"k": object()}), ValidationError),  # type: ignore[dict-item]
-        (lambda: sleep_until([1]), ValidationError),  # type: ignore[arg-type]
-        (lambda: sleep([1]), ValidationError),  # type: ignore[arg-type]
-        (lambda: cancel(5), ValidationError),  # type: ignore[arg-type]
-        (lambda: set_timezone(None), ValidationError),  # type: ignore[arg-type]
+        (lambda: send(42), NotTextError, "must be a str"),  # type: ignore[arg-type]
+        (lambda: send("hi", at=5), InvalidInputError, "send(at=...)"),  # type: ignore[arg-type]
+        (lambda: call("not callable"), InvalidInputError, "call()"),  # type: ignore[arg-type]
+        (lambda: send("hi", to=5), InvalidInputError, "send(): to=5"),  # type: ignore[arg-type]
+        (lambda: send("hi", metadata={"k": object()}), InvalidInputError, "send(): metadata="),  # type: ignore[dict-item]
+        (lambda: send("hi", metadata=[1]), InvalidInputError, "send(): metadata=[1]"),  # type: ignore[arg-type]
+        (lambda: wait_for_reply(timeout=[1]), InvalidInputError, "wait_for_reply(): timeout=[1]"),  # type: ignore[arg-type]
+        (lambda: sleep_until([1]), InvalidInputError, "sleep_until(): when=[1]"),  # type: ignore[arg-type]
+        (lambda: sleep([1]), InvalidInputError, "sleep(): duration=[1]"),  # type: ignore[arg-type]
+        (lambda: finish({1, 2}), InvalidInputError, "finish(): value="),
+        (lambda: cancel(5), InvalidInputError, "cancel(): message_id=5"),  # type: ignore[arg-type]
+        (lambda: set_timezone(None), InvalidInputError, "set_timezone(): zone=None"),  # type: ignore[arg-type]
     ],
 )
-def test_bad_values_still_fail_as_the_model_makes_them(make: Any, error: type[Exception]) -> None:
-    with pytest.raises(error):
+def test_bad_values_raise_our_error_naming_the_effect_and_argument(
+    make: Any, error: type[Exception], named: str
+) -> None:
+    """A dialog's mistake is a ``DynapromptError`` (``InvalidInputError``), never pydantic's ``ValidationError``."""
+    with pytest.raises(error) as raised:
         make()
-    if issubclass(error, DynapromptError):
-        assert issubclass(error, InvalidInputError)
+    assert issubclass(error, InvalidInputError)
+    assert not isinstance(raised.value, ValidationError)
+    assert named in str(raised.value)
