@@ -99,6 +99,49 @@ async def test_a_duplicate_append_in_a_batch_fails_alone(tmp_path: Path) -> None
     await store.close()
 
 
+async def test_an_append_failing_after_its_compare_and_set_undoes_the_batch_and_each_write_runs_alone(
+    tmp_path: Path,
+) -> None:
+    """Appends in a batch run without savepoints: their row update is a compare-and-set on ``last_seq`` and
+    every write of events moves it, so a hit cannot meet a taken seq. A file where that does not hold (an
+    event row with no row update: another program's write, a damaged file) makes an insert fail after its
+    update: the batch is rolled back and each write runs alone, so only that append fails, wholly."""
+    store = await _sqlite(tmp_path)
+    for cid in ("a", "b", "c"):
+        await store.create(_row(cid), [Started(seq=1, at=T0, dialog="m:bot")])
+    stray = sqlite3.connect(f"{tmp_path}/bot.db", isolation_level=None)
+    stray.execute("INSERT INTO events VALUES ('b', 3, ?)", (Sent(seq=3, at=T0, text="stray").model_dump_json(),))
+    stray.close()
+    outcomes: dict[str, str] = {}
+
+    async def append(cid: str) -> None:
+        events = [Sent(seq=2, at=T0, text=f"to {cid}"), Sent(seq=3, at=T0, text=f"more to {cid}")]
+        try:
+            await store.append(cid, events, RowUpdate(error=cid), T0)
+        except ConflictError as exc:
+            outcomes[cid] = f"conflict at {exc.seq}"
+        else:
+            outcomes[cid] = "written"
+
+    async with anyio.create_task_group() as group:
+        for cid in ("a", "b", "c"):
+            group.start_soon(append, cid)
+    assert outcomes == {"a": "written", "b": "conflict at 2", "c": "written"}
+    row_b = await store.get("b")
+    assert row_b is not None
+    assert (row_b.last_seq, row_b.error) == (1, None)  # its row update was undone with its first insert
+    seen = sqlite3.connect(f"{tmp_path}/bot.db")
+    bodies = dict(seen.execute("SELECT conversation_id || seq, body FROM events WHERE seq > 1").fetchall())
+    seen.close()
+    assert sorted(bodies) == ["a2", "a3", "b3", "c2", "c3"]
+    assert "to b" not in bodies["b3"]
+    for cid in ("a", "c"):
+        row = await store.get(cid)
+        assert row is not None
+        assert (row.last_seq, row.error) == (3, cid)
+    await store.close()
+
+
 async def test_a_lone_write_commits_on_its_own(tmp_path: Path) -> None:
     store = await _sqlite(tmp_path)
     before = store.commits

@@ -101,10 +101,15 @@ _UPDATABLE = ("dialog", "state", "wake_at", "run", "run_seq", "result", "error",
 _update_sql: dict[tuple[str, ...], str] = {}
 
 
-def _update_statement(update: RowUpdate) -> tuple[str, list[object], list[object]]:
+def _update_statement(update: RowUpdate, after_seq: int | None) -> tuple[str, list[object], list[object]]:
     """The ``UPDATE ... RETURNING`` that applies ``update`` (as ``RowUpdate.apply`` does), its parameters
-    after ``last_seq`` and ``updated_at``, and those after the id (a claim's conditions); the SQL text is
-    cached per set of fields, so sqlite3 reuses it."""
+    after ``last_seq`` and ``updated_at``, and those after the id (its conditions); the SQL text is cached
+    per set of fields, so sqlite3 reuses it.
+
+    With ``after_seq`` (an append of events after that seq) or a claim, the row is changed only if its log
+    still ends there (compare-and-set): a write that misses changes nothing, and one that hits cannot then
+    meet a taken seq, since every write of events moves ``last_seq`` in the same transaction. So an append
+    needs no savepoint of its own in a group commit."""
     names: list[str] = []
     params: list[object] = []
     for name in _UPDATABLE:
@@ -127,19 +132,24 @@ def _update_statement(update: RowUpdate) -> tuple[str, list[object], list[object
         if not released:
             params += [claim.owner, _ts(claim.until)]
         conditions = [claim.last_seq, claim.run_seq, claim.owner, _ts(claim.now)]
-    elif update.release_owner is not None:
-        names.append("release")
-        params += [update.release_owner, update.release_owner]
+    else:
+        if update.release_owner is not None:
+            names.append("release")
+            params += [update.release_owner, update.release_owner]
+        if after_seq is not None:
+            names.append("after")
+            conditions = [after_seq]
     key = tuple(names)
     sql = _update_sql.get(key)
     if sql is None:
         sets = "".join(_SETS.get(name, f", {name} = ?") for name in names)
-        where = (
-            " AND last_seq = ? AND run_seq = ? AND parked = 0 AND needs_advance = 0"
-            " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)"
-            if claim is not None
-            else ""
-        )
+        if claim is not None:
+            where = (
+                " AND last_seq = ? AND run_seq = ? AND parked = 0 AND needs_advance = 0"
+                " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)"
+            )
+        else:
+            where = " AND last_seq = ?" if after_seq is not None else ""
         sql = _update_sql[key] = (
             f"UPDATE conversations SET last_seq = MAX(last_seq, ?), updated_at = ?{sets} WHERE id = ?{where} "
             f"RETURNING {_COLUMNS}"
@@ -152,13 +162,14 @@ _SETS = {
     "lease_until = CASE WHEN lease_owner = ? THEN NULL ELSE lease_until END",
     "claim": ", lease_owner = ?, lease_until = ?",
     "claim and release": ", lease_owner = NULL, lease_until = NULL",
+    "after": "",
 }
 
 
 class _Write:
     """One queued write: ``run`` executes its statements on the connection inside the batch's transaction."""
 
-    __slots__ = ("busy", "conflict", "error", "log", "result", "run", "single")
+    __slots__ = ("busy", "checked", "conflict", "error", "log", "result", "run", "single")
 
     def __init__(
         self,
@@ -166,11 +177,16 @@ class _Write:
         *,
         log: bool = False,
         single: bool = False,
+        checked: bool = False,
         conflict: Callable[[], Exception] | None = None,
     ) -> None:
         self.run = run
         self.log = log  # writes to the event log commit through SQLiteStore._commit (the crash tests' hook)
         self.single = single  # one statement: alone in its batch it autocommits, as it always did
+        # Its first statement is a compare-and-set that raises ConflictError on a miss, having changed nothing;
+        # on a hit the rest cannot fail but through a broken database. So no savepoint in a batch (each costs
+        # two statements); should it fail after all, the batch is rolled back and each write run alone.
+        self.checked = checked
         self.conflict = conflict  # what a unique-key IntegrityError means to the caller
         self.result: Any = None
         self.error: BaseException | None = None
@@ -338,6 +354,18 @@ class SQLiteStore:
                         if write.single:  # one statement is undone on its own if it fails: no savepoint
                             self._run_one(write)
                             continue
+                        if write.checked:
+                            try:
+                                write.result = write.run(db)
+                            except ConflictError as exc:  # missed its compare-and-set: nothing of it ran
+                                write.error = exc
+                            except sqlite3.OperationalError:
+                                raise
+                            except Exception:  # failed half-way: undo the batch, then each write alone
+                                db.execute("ROLLBACK")
+                                self._flush_each(writes)
+                                return
+                            continue
                         db.execute("SAVEPOINT w")
                         if self._run_one(write):
                             db.execute("RELEASE w")
@@ -365,6 +393,12 @@ class SQLiteStore:
             batch.done = True
             if batch.event is not None:
                 batch.event.set()
+
+    def _flush_each(self, writes: list[_Write]) -> None:
+        """Run each write of a rolled-back batch in a transaction of its own, so each fails alone."""
+        for write in writes:
+            write.result = write.error = None
+            self._flush_alone(write)
 
     def _flush_alone(self, write: _Write) -> None:
         """Run one write in its own transaction: the statements it always ran, no savepoint."""
@@ -466,21 +500,23 @@ class SQLiteStore:
     ) -> ConversationRow:
         # The row is changed in SQL (only the fields the update names) and returned by the same statement,
         # so the transaction never reads it first: one UPDATE, the inserts, one commit.
-        sql, params, conditions = _update_statement(update)
+        checked = bool(events) or update.claim is not None
+        sql, params, conditions = _update_statement(update, events[0].seq - 1 if events else None)
         update_params = (events[-1].seq if events else 0, _ts(now), *params, conversation_id, *conditions)
         inserts = [(conversation_id, e.seq, event_to_json(e)) for e in events]
+        seq = events[0].seq if events else update.claim.last_seq + 1 if update.claim is not None else 0
 
         def run(db: sqlite3.Connection) -> Any:
             found = db.execute(sql, update_params).fetchone()
-            if found is None and update.claim is not None:  # the row moved: nothing is written
-                raise ConflictError(conversation_id, events[0].seq if events else update.claim.last_seq + 1)
+            if found is None and checked:  # the log moved on (or the claim's row moved): nothing is written
+                raise ConflictError(conversation_id, seq)
             assert found is not None, f"append to unknown conversation {conversation_id!r}"
             if inserts:
                 db.executemany("INSERT INTO events (conversation_id, seq, body) VALUES (?, ?, ?)", inserts)
             return found
 
         found = await self._submit(
-            _Write(run, log=True, conflict=lambda: ConflictError(conversation_id, events[0].seq if events else 0))
+            _Write(run, log=True, checked=checked, conflict=lambda: ConflictError(conversation_id, seq))
         )
         return self._row(found, validate=False)
 
