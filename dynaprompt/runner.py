@@ -990,8 +990,8 @@ class _ConversationLock:
 
 
 def _default_cache_size() -> int:
-    """1,024, or ``DYNAPROMPT_CACHE_SIZE`` (our CI runs the whole suite again with 0: replay must
-    give the same results as the warm cache)."""
+    """1,024, or ``DYNAPROMPT_CACHE_SIZE`` (our CI runs the suite again with 0, all but the
+    benchmark smoke tests: replay must give the same results as the warm cache)."""
     text = os.environ.get("DYNAPROMPT_CACHE_SIZE", "1024")
     try:
         return int(text)
