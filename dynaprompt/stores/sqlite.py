@@ -193,6 +193,10 @@ class _Write:
         self.busy = False  # another connection held the write lock: nothing of it ran, try again
 
 
+class _HalfDone(Exception):
+    """A write that should have failed whole or not at all failed half-way: its batch is rolled back."""
+
+
 @dataclass(eq=False)
 class _Batch:
     writes: list[_Write] = field(default_factory=list)
@@ -346,41 +350,12 @@ class SQLiteStore:
             if len(writes) == 1:
                 self._flush_alone(writes[0])
                 return
-            db = self._db
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    for write in writes:
-                        if write.single:  # one statement is undone on its own if it fails: no savepoint
-                            self._run_one(write)
-                            continue
-                        if write.checked:
-                            try:
-                                write.result = write.run(db)
-                            except ConflictError as exc:  # missed its compare-and-set: nothing of it ran
-                                write.error = exc
-                            except sqlite3.OperationalError:
-                                raise
-                            except Exception:  # failed half-way: undo the batch, then each write alone
-                                db.execute("ROLLBACK")
-                                self._flush_each(writes)
-                                return
-                            continue
-                        db.execute("SAVEPOINT w")
-                        if self._run_one(write):
-                            db.execute("RELEASE w")
-                        else:
-                            db.execute("ROLLBACK TO w")
-                            db.execute("RELEASE w")
-                    if any(write.log for write in writes):
-                        self._commit()
-                    else:
-                        db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-                self.commits += 1
+                self._transaction(lambda: self._run_batch(writes), log=any(write.log for write in writes))
+            except _HalfDone:  # rolled back: each write again, alone, so that only the broken one fails
+                for write in writes:
+                    write.result = write.error = None
+                    self._flush_alone(write)
             except sqlite3.Error as exc:  # the whole batch failed (locked, disk I/O, ...): nothing was committed
                 for write in writes:
                     self._failed(write, exc)
@@ -394,36 +369,57 @@ class SQLiteStore:
             if batch.event is not None:
                 batch.event.set()
 
-    def _flush_each(self, writes: list[_Write]) -> None:
-        """Run each write of a rolled-back batch in a transaction of its own, so each fails alone."""
+    def _run_batch(self, writes: list[_Write]) -> bool:
+        """The writes of a batch, inside its transaction: each in a savepoint unless it cannot fail half-way."""
+        db = self._db
         for write in writes:
-            write.result = write.error = None
-            self._flush_alone(write)
+            if write.single:  # one statement is undone on its own if it fails: no savepoint
+                self._run_one(write)
+            elif write.checked:
+                try:
+                    write.result = write.run(db)
+                except ConflictError as exc:  # missed its compare-and-set: nothing of it ran
+                    write.error = exc
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as exc:
+                    raise _HalfDone from exc
+            else:
+                db.execute("SAVEPOINT w")
+                if not self._run_one(write):
+                    db.execute("ROLLBACK TO w")
+                db.execute("RELEASE w")
+        return True
 
     def _flush_alone(self, write: _Write) -> None:
         """Run one write in its own transaction: the statements it always ran, no savepoint."""
-        db = self._db
         try:
             if write.single:  # one statement autocommits
                 if self._run_one(write):
                     self.commits += 1
                 return
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if not self._run_one(write):
-                    db.execute("ROLLBACK")
-                    return
-                if write.log:
-                    self._commit()
-                else:
-                    db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            self.commits += 1
+            self._transaction(lambda: self._run_one(write), log=write.log)
         except sqlite3.Error as exc:
             self._failed(write, exc)
+
+    def _transaction(self, body: Callable[[], bool], *, log: bool) -> None:
+        """``BEGIN IMMEDIATE``, ``body``, then ``COMMIT`` (through ``_commit`` when the log was written) if it
+        returned True, else ``ROLLBACK``; rolled back if it raised, and the error propagated."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if not body():
+                db.execute("ROLLBACK")
+                return
+            if log:
+                self._commit()
+            else:
+                db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.commits += 1
 
     def _failed(self, write: _Write, exc: sqlite3.Error) -> None:
         """Settle a write whose transaction failed as a whole: to be tried again if another connection held
