@@ -24,6 +24,7 @@ import gc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from operator import attrgetter
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
@@ -203,6 +204,7 @@ Event = Annotated[
 INPUT_KINDS = frozenset({"reply", "timer_fired", "delivered", "started"})
 
 _adapter: TypeAdapter[Event] = TypeAdapter(Event)
+_seq_of = attrgetter("seq")
 _list_adapter: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
@@ -298,7 +300,7 @@ def log_from_json(text: str, first_seq: int, count: int) -> list[Event] | None:
             events = _list_adapter.validate_json(text)
     except ValidationError:
         return None
-    if len(events) != count or [event.seq for event in events] != list(range(first_seq, first_seq + count)):
+    if len(events) != count or list(map(_seq_of, events)) != list(range(first_seq, first_seq + count)):  # C loops
         return None
     return events
 
