@@ -103,8 +103,11 @@ async def measure(url: str, cid: str, repeats: int) -> dict[str, float]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    folder = Path(args.dir or tempfile.mkdtemp(prefix="bench-cold-"))
-    url = f"sqlite:///{folder}/cold-{os.getpid()}.db"
+    if args.dir is None:
+        with tempfile.TemporaryDirectory(prefix="bench-cold-") as folder:
+            args.dir = folder
+            return await main_async(args)
+    url = f"sqlite:///{args.dir}/cold-{os.getpid()}.db"
     await build(url, "cold", args.events)
     results = {"sqlite": await measure(url, "cold", args.repeats)}
     memory_store = await open_store("memory://")
