@@ -209,7 +209,7 @@ _list_adapter: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
 _E = TypeVar("_E", bound=BaseModel)
-_TEMPLATES: dict[type[BaseModel], tuple[dict[str, Any], tuple[str, ...]]] = {}
+_TEMPLATES: dict[type[BaseModel], dict[str, Any]] = {}
 _new = object.__new__
 _set = object.__setattr__
 # BaseModel's own slots, set through their descriptors: cheaper than object.__setattr__ looking each one up.
@@ -227,18 +227,15 @@ def build(cls: type[_E], /, **values: Any) -> _E:
     from outside (a store, a dialog's arguments or results) goes through the validating constructor. The
     log still holds validated JSON only: every event read back from a store is validated.
     """
-    found = _TEMPLATES.get(cls)
-    if found is None:
+    template = _TEMPLATES.get(cls)
+    if template is None:
         # A field with a default factory (a mutable one) must be given, as every field without a default.
-        template = {
+        template = _TEMPLATES[cls] = {
             name: None if info.is_required() or info.default_factory is not None else info.default
             for name, info in cls.model_fields.items()
         }
-        found = _TEMPLATES[cls] = (template, tuple(template))
-    template, names = found
     event = _new(cls)
-    # Every field given, in field order (a send, a reply): the keyword dict is fresh, so it is the __dict__.
-    _set(event, "__dict__", values if tuple(values) == names else {**template, **values})
+    _set(event, "__dict__", {**template, **values})
     _set_fields_set(event, set(values))
     _set_extra(event, None)
     _set_private(event, None)
