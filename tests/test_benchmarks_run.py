@@ -50,3 +50,24 @@ def test_benchmark_prints_every_figure_for_both_stores(tmp_path: Path) -> None:
         assert set(figures[kind]["cold_resume_s"]) == {"40", "80"}
     assert figures["sqlite"]["restart_live"] == 3
     assert figures["raw"]["normal"] > 0
+
+
+@pytest.mark.slow
+def test_cold_resume_benchmark_prints_its_stages_and_compares_trees(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "bench_cold.py"
+    tiny = ["--events", "60", "--repeats", "1", "--dir", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(script), *tiny, "--json"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert set(figures) == {"sqlite", "memory://"}
+    for stage in ("cold deliver", "cold deliver cpu", "  validation", "  replay (Execution.extend + advance)"):
+        assert figures["sqlite"][stage] > 0
+    # --ab against this very tree: one interleaved round each, printed side by side.
+    same_tree = ["--ab", str(SCRIPT.parent.parent), "--rounds", "1"]
+    compared = subprocess.run(
+        [sys.executable, str(script), *tiny[:4], *same_tree], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert "sqlite cold deliver" in compared.stdout

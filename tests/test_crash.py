@@ -183,7 +183,7 @@ def test_reference_run_exercises_every_kind_of_write(reference: Reference) -> No
     assert {"create", "append", "acquire", "release"} <= kinds
     assert {"started", "reply", "called", "sent", "waiting", "sleeping", "now", "timer_fired"} <= kinds
     assert {"sub_started", "sub_ended", "cancelled", "delivered", "completed"} <= kinds
-    assert any(e["kind"] == "sent" and e["due_at"] for e in reference.events)  # a scheduled send(at=...)
+    assert any(e["kind"] == "sent" and e.get("due_at") for e in reference.events)  # a scheduled send(at=...)
     assert "Last call for dessert!" not in {line["text"] for line in reference.channel}  # cancelled in time
     assert reference.calls == Counter({"issue_ticket": 1, "confirm_booking": 1})
     assert ("out", "Goodbye, Ann! (bye)") in reference.transcript

@@ -7,14 +7,16 @@ that is not one event, a body at the wrong row, a missing row) is read again row
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from dynaprompt import CorruptEventError, Runner, dialog, open_store, send, wait_for_reply
-from dynaprompt.events import event_to_json, events_from_json, log_from_json
+from dynaprompt import CorruptEventError, ListChannel, Runner, dialog, open_store, send, wait_for_reply
+from dynaprompt.events import Started, event_to_json, events_from_json, log_from_json
 from dynaprompt.stores.sqlite import SQLiteStore
 from dynaprompt.testing import VirtualClock
 
@@ -156,3 +158,41 @@ def test_rows_are_validated_at_once_or_one_by_one_with_the_same_result() -> None
         events_from_json("c1", [rows[0], (3, rows[1][1])])
     with pytest.raises(CorruptEventError, match=r"seq 2"):
         events_from_json("c1", [rows[0], (2, rows[1][1] + "," + rows[1][1])])
+
+
+async def test_an_event_is_stored_without_the_fields_left_at_their_defaults(
+    logged: tuple[SQLiteStore, sqlite3.Connection],
+) -> None:
+    _store, database = logged
+    stored = [json.loads(body(database, seq)) for seq in range(1, 11)]
+    assert all(next(iter(fields)) == "kind" for fields in stored)  # the discriminator first
+    sent = next(fields for fields in stored if fields["kind"] == "sent")
+    assert set(sent) == {"kind", "seq", "at", "text"}  # no "to": null, "metadata": {}, "due_at": null
+    started = Started(seq=1, at=datetime(2026, 1, 1, tzinfo=UTC), dialog="d", args=[1], kwargs={"a": None}, run=2)
+    assert json.loads(event_to_json(started)) == {
+        "kind": "started", "seq": 1, "at": "2026-01-01T00:00:00Z", "dialog": "d", "args": [1],
+        "kwargs": {"a": None}, "run": 2,
+    }  # fmt: skip
+    assert events_from_json("c1", [(1, event_to_json(started))]) == [started]
+
+
+async def test_a_log_written_with_every_field_still_loads_and_resumes(
+    logged: tuple[SQLiteStore, sqlite3.Connection], clock: VirtualClock
+) -> None:
+    # Bodies of the earlier format (every field, defaults too, kind after seq and at) are a durable format:
+    # they must read back as the same events, alone, joined, and when a cold runner resumes from them.
+    store, database = logged
+    events = await store.load("c1")
+    for event in events:
+        set_body(database, event.seq, event.model_dump_json())
+    assert '"args":[],"kwargs":{}' in body(database, 1)
+    assert body(database, 1).startswith('{"seq":1,')
+    assert await store.load("c1") == events
+    assert events_from_json("c1", [(event.seq, body(database, event.seq)) for event in events]) == events
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0) as runner:
+        await runner.deliver("c1", "three")
+        transcript = [(entry.direction, entry.text) for entry in await runner.transcript("c1")]
+    assert [message.text for message in channel.messages] == ["echo three"]
+    assert transcript[-2:] == [("in", "three"), ("out", "echo three")]
+    assert body(database, 11).startswith('{"kind":"reply",')  # what is appended now is the new format

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from dynaprompt.dialogs import lookup
 from dynaprompt.errors import DynapromptError, NondeterminismError, UnknownConversationError
-from dynaprompt.events import Event, Started, event_to_json
+from dynaprompt.events import Event, Started, event_to_dict
 from dynaprompt.loading import load_dialog
 from dynaprompt.models import State
 from dynaprompt.replay import Execution
@@ -175,7 +175,7 @@ async def run_show(args: argparse.Namespace) -> int:
         await store.close()
     if args.json:
         if args.events:
-            _dump({"conversation": _summary(row), "events": [json.loads(event_to_json(e)) for e in events]})
+            _dump({"conversation": _summary(row), "events": [event_to_dict(e) for e in events]})
         else:
             _dump({"conversation": _summary(row), "transcript": [e.model_dump(mode="json") for e in transcript]})
         return 0
@@ -199,7 +199,7 @@ async def run_show(args: argparse.Namespace) -> int:
 
 
 def _details(event: Event) -> str:
-    fields = json.loads(event_to_json(event))
+    fields = event_to_dict(event)
     for name in ("seq", "at", "kind"):
         fields.pop(name, None)
     return json.dumps({k: v for k, v in fields.items() if v not in (None, [], {})}, ensure_ascii=False)
