@@ -103,6 +103,22 @@ async def test_a_body_that_is_not_json_is_named(logged: tuple[SQLiteStore, sqlit
     assert [event.seq for event in await store.load("c1", 3)] == [4, 5, 6, 7, 8, 9, 10]
 
 
+async def test_a_body_that_is_not_utf8_is_named_not_taken_for_a_broken_database(
+    logged: tuple[SQLiteStore, sqlite3.Connection],
+) -> None:
+    """SQLite cannot make a str of such a body: read as bytes, it is a corrupt event with its seq (it was
+    ``StoreUnavailableError``, as if the database had gone away), and the rows around it are untouched."""
+    store, database = logged
+    good = body(database, 6)
+    database.execute("UPDATE events SET body = CAST(x'7b22ff22' AS TEXT) WHERE conversation_id = 'c1' AND seq = 6")
+    with pytest.raises(CorruptEventError) as raised:
+        await store.load("c1")
+    assert (raised.value.conversation_id, raised.value.seq) == ("c1", 6)
+    assert [event.seq for event in await store.load("c1", 6)] == [7, 8, 9, 10]
+    set_body(database, 6, good)
+    assert [event.seq for event in await store.load("c1")] == list(range(1, 11))
+
+
 async def test_a_body_at_the_wrong_row_is_named(logged: tuple[SQLiteStore, sqlite3.Connection]) -> None:
     store, database = logged
     set_body(database, 3, body(database, 4))  # row 3 now says it is seq 4

@@ -470,8 +470,9 @@ class SQLiteStore:
             events = log_from_json(f"[{joined}]", after_seq + 1, count)
             if events is not None:
                 return events
+        # As bytes: a body that is not UTF-8 is then a corrupt event, named, not a failure of the database.
         rows = self._fetchall(
-            "SELECT seq, body FROM events WHERE conversation_id = ? AND seq > ? ORDER BY seq",
+            "SELECT seq, CAST(body AS BLOB) FROM events WHERE conversation_id = ? AND seq > ? ORDER BY seq",
             (conversation_id, after_seq),
         )
         return events_from_json(conversation_id, rows)
