@@ -183,10 +183,9 @@ async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoS
         status = await runner.deliver("ann", "one")
     assert calls == [
         "conversations.update_one (no j)",  # the claim: the journal flush of the insert after it covers it
-        "events.insert_many (j)",  # the reply, the bot's message, the wait
-        "conversations.update_one (j)",  # the row, as a compare-and-swap: nothing read back
+        "events.insert_many (j)",  # the reply, the bot's message, the wait (their row write is put off)
         "events.insert_many (j)",  # the delivered mark
-        "conversations.update_one (j)",  # the row again, dropping the lease
+        "conversations.update_one (j)",  # the row, for both appends, as a compare-and-swap, dropping the lease
     ]
     stored = await store.database["conversations"].find_one({"_id": "ann"})
     assert stored is not None
@@ -197,6 +196,87 @@ async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoS
         assert await fresh.get("ann") == store._seen["ann"]
     finally:
         await fresh.close()
+
+
+class HoldingChannel:
+    """A channel that, while it holds a message, lets a test look at the store from elsewhere (or refuses)."""
+
+    def __init__(self, during: Callable[[], Any] | None = None, *, refuse: bool = False) -> None:
+        self.during = during
+        self.refuse = refuse
+        self.texts: list[str] = []
+
+    async def deliver(self, message: Any) -> None:
+        if self.during is not None:
+            await self.during()
+        if self.refuse:
+            raise RuntimeError("channel down (injected)")
+        self.texts.append(message.text)
+
+
+async def test_a_row_read_during_the_hand_off_shows_the_events_and_ends_right(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """The row write of the append before a hand-off is put off to the "delivered" append: meanwhile another
+    process reading the row finds events past its last_seq (as after a crash between two writes) and flags
+    it; the turn's last write still leaves the row whole, lease free, flag cleared."""
+    seen: list[ConversationRow | None] = []
+
+    async def look() -> None:
+        fresh = await open_store(store.url)
+        try:
+            seen.append(await fresh.get("ann"))
+        finally:
+            await fresh.close()
+
+    async with Runner(store, clock=clock, cache_size=16) as runner:
+        await runner.start(counter, "ann")
+        runner.channel = HoldingChannel(look)
+        status = await runner.deliver("ann", "one")
+    top = await store.database["events"].find_one({"conversation_id": "ann"}, sort=[("seq", -1)])
+    assert top is not None
+    assert status.last_seq == top["seq"]
+    during = seen[0]
+    assert during is not None
+    assert (during.last_seq, during.needs_advance, during.lease_owner) == (top["seq"] - 1, True, runner.owner)
+    fresh = await open_store(store.url)
+    try:
+        after = await fresh.get("ann")
+    finally:
+        await fresh.close()
+    assert after is not None
+    assert (after.state, after.last_seq, after.needs_advance, after.lease_owner) == (
+        "waiting_for_reply", top["seq"], False, None,
+    )  # fmt: skip
+
+
+async def test_a_refused_hand_off_still_writes_the_row_before_the_lease_goes(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """The channel refuses, so no "delivered" append carries the row write put off before the hand-off: the
+    release makes it first, and the row matches the log, lease free, message still queued."""
+    async with Runner(store, clock=clock, cache_size=16) as runner:
+        await runner.start(counter, "ann")
+        runner.channel = HoldingChannel(refuse=True)
+        status = await runner.deliver("ann", "one")
+        assert not store._deferred
+    top = await store.database["events"].find_one({"conversation_id": "ann"}, sort=[("seq", -1)])
+    assert top is not None
+    assert top["kind"] == "waiting"
+    fresh = await open_store(store.url)
+    try:
+        after = await fresh.get("ann")
+    finally:
+        await fresh.close()
+    assert after is not None
+    assert (status.last_seq, after.last_seq, after.needs_advance, after.lease_owner) == (
+        top["seq"], top["seq"], False, None,
+    )  # fmt: skip
+    channel = HoldingChannel()
+    async with Runner(store, channel, clock=clock) as runner:
+        assert await runner.run_due() >= 0
+        await runner.deliver("ann", "two")
+    assert channel.texts == ["1: one", "2: two"]
 
 
 async def test_a_row_changed_by_another_store_is_read_back_not_guessed(mongodb_url: str, clock: VirtualClock) -> None:
