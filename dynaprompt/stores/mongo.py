@@ -142,10 +142,17 @@ class MongoStore:
         # An acknowledged write must survive the server being killed: journaled unless the client or URL chose
         # a write concern of its own (w=majority on a replica set journals too, by the server's default).
         concern = database.write_concern
-        # A claim need not wait for the journal on its own: the events insert that follows it in the same
-        # append does (on one server the journal is sequential, so that flush covers the claim); a claim lost
-        # with the server is a lease lost, which the unique (conversation_id, seq) index makes harmless.
-        self._claims = database.get_collection("conversations")
+        # Two row writes need not wait for the journal (with the server's default concern; a concern of the
+        # client's own applies to them too):
+        # * a claim: the events insert that follows it in the same append does (on one server the journal is
+        #   sequential, so that flush covers the claim); a claim lost with the server is a lease lost, which the
+        #   unique (conversation_id, seq) index makes harmless;
+        # * the row write of an advance's last append, the one that drops the lease: its events are journaled
+        #   before it, and if the server loses it the row is as the claim left it (journaled by those events):
+        #   leased, last_seq behind the log. The holder takes it back at once (the lease is its own); another
+        #   runner once the lease expires, and its get() sees the events past last_seq and replays them.
+        #   Nothing acknowledged is lost: every event of the turn is in the journal; only the index lags.
+        self._rows_unjournaled = database.get_collection("conversations")
         if concern.is_server_default:
             concern = WriteConcern(j=True)
         self._events = database.get_collection("events", write_concern=concern)
@@ -461,7 +468,9 @@ class MongoStore:
         change = {**changes, "last_seq": last_seq}
         if row.lease_owner is None and seen.lease_owner is not None:
             change["lease_owner"] = change["lease_until"] = None
-        result = await self._retry("append", lambda: self._rows.update_one(query, {"$set": change}))
+        # The turn's last row write, dropping the lease, need not wait for the journal (see __init__).
+        rows = self._rows_unjournaled if update.release_owner is not None and row.lease_owner is None else self._rows
+        result = await self._retry("append", lambda: rows.update_one(query, {"$set": change}))
         if result.matched_count != 1:
             self._seen.pop(conversation_id, None)
             return None
@@ -486,7 +495,7 @@ class MongoStore:
         # network failure, a claim that did land still matches (the lease is then ours), so it is idempotent.
         claimed = await self._retry(
             "append",
-            lambda: self._claims.update_one(
+            lambda: self._rows_unjournaled.update_one(
                 query, {"$set": {"lease_owner": claim.owner, "lease_until": _us(claim.until)}}
             ),
         )
