@@ -307,6 +307,32 @@ async def test_a_turns_last_row_write_lost_with_the_server_loses_nothing(
     assert (row.lease_owner, row.needs_advance, row.state) == (None, False, "waiting_for_reply")
 
 
+async def test_a_put_off_row_write_landing_after_a_later_one_leaves_that_one(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """Another use of the row (the serve loop's due(), say) takes the put-off write and makes it, while the
+    turn's last write, which no longer carries it, lands first: the put-off write must not undo or flag it."""
+    now = clock.now()
+    row = ConversationRow(
+        id="di", dialog="mongo-test-counter", state="waiting_for_reply", last_seq=1, updated_at=now,
+        lease_owner="me", lease_until=now + timedelta(seconds=30),
+    )  # fmt: skip
+    await store.create(row, [Started(seq=1, at=now, dialog="mongo-test-counter")])
+    full: dict[str, Any] = {
+        "state": "waiting_for_reply", "needs_advance": False, "parked": False,
+        "clear": frozenset({"wake_at", "result", "error"}),
+    }  # fmt: skip
+    await store.append("di", [ReplyReceived(seq=2, at=now, text="a")], RowUpdate(**full, provisional=True), now)
+    taken = store._deferred.pop("di")  # taken by another use of the row; its write is still on the way
+    last = RowUpdate(**full, release_owner="me")
+    await store.append("di", [ReplyReceived(seq=3, at=now, text="b")], last, now)
+    store._deferred["di"] = taken
+    await store._write_deferred("di")  # lands now
+    stored = await store.get("di")
+    assert stored is not None
+    assert (stored.last_seq, stored.needs_advance, stored.lease_owner) == (3, False, None)
+
+
 async def test_a_row_changed_by_another_store_is_read_back_not_guessed(mongodb_url: str, clock: VirtualClock) -> None:
     """The store's view of the row is only a hint: another writer took the lease meanwhile, so the append's
     compare-and-swap misses and the row is updated and read back as before, leaving the new holder's lease."""

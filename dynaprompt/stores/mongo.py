@@ -370,15 +370,20 @@ class MongoStore:
             return
         try:
             # RowUpdate(): deferred.row already holds the changes (applying it again only sets last_seq, updated_at)
-            await self._write_row(
-                conversation_id,
-                deferred.first_seq,
-                deferred.last_seq,
-                RowUpdate(),
-                deferred.changes,
-                deferred.row,
+            written = await self._swap_row(
+                conversation_id, deferred.first_seq, deferred.last_seq, RowUpdate(), deferred.changes, deferred.row,
                 deferred.now,
-            )
+            )  # fmt: skip
+            if written is None:
+                # Guarded by last_seq only: a row already past these events was written by someone who read them
+                # (a later write of ours, or a reply appended after them that flags the row itself): keep it.
+                await self._retry(
+                    "append",
+                    lambda: self._rows.update_one(
+                        {"_id": conversation_id, "last_seq": {"$lte": deferred.last_seq}},
+                        {"$set": deferred.changes, "$max": {"last_seq": deferred.last_seq}},
+                    ),
+                )
         except BaseException:
             self._deferred.setdefault(conversation_id, deferred)  # made by the next use of the row, if any
             raise
