@@ -15,7 +15,11 @@ No multi-document transactions (a standalone server has none). An append is an o
 ``insert_many`` of the events followed by one update of the conversation document; a crash
 between the two leaves a valid prefix of the log and a stale row, which :meth:`MongoStore.get`
 repairs from the log (the log is the truth, the row an index rebuilt from it). Leases change
-through updates with a filter: an atomic single-document compare-and-set.
+through updates with a filter: an atomic single-document compare-and-set. The row write of an
+append the runner marks ``provisional`` (the one before a hand-off) is put off to the next write of
+the conversation, so a warm turn is 4 writes: claim, events, delivered marks, row (see
+``docs/production.md``). The claim and the row write that drops the lease are not journaled: the
+events insert after the claim flushes it, and a lost last row write leaves the row as the claim did.
 
 The row update of an append is an ``update_one`` whose filter holds every field the update leaves
 alone, as this store last saw them: when it matches, the new row is known without reading it back
