@@ -177,7 +177,8 @@ async def child_count(url: str, n: int, k: int) -> dict[str, Any]:
     assert isinstance(store, MongoStore)
     counts: dict[str, int] = {}
     waited = [0.0]
-    for attribute in ("_events", "_rows", "_rows_unjournaled"):  # the claim and the last row write of a turn
+    # _rows_unjournaled (the claim and the last row write of a turn) was _claims before 3 (a baseline's name)
+    for attribute in ("_events", "_rows", "_rows_unjournaled", "_claims"):
         if hasattr(store, attribute):
             setattr(store, attribute, CountedCollection(getattr(store, attribute), counts, waited))
     async with Runner(store, NullChannel()) as runner:
@@ -513,7 +514,7 @@ def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
     for key, results in runs.items():
         figures[key] = {name: statistics.median(result[name] for result in results) for name in results[0]}
         figures[key]["each_per_s"] = [result["per_s"] for result in results]
-        for name in ("ratio_j", "ratio_default", "cpu_ratio_j"):
+        for name in ("ratio_j", "ratio_default", "cpu_ratio_j", "server_cpu_ms", "load"):
             if name in results[0]:
                 figures[key][f"each_{name}"] = [result[name] for result in results]
     sizes = [int(size) for size in args.log_sizes.split(",")]
