@@ -109,6 +109,11 @@ class CountedCollection:
 
 
 SERVER_PID: int | None = None  # the SecantusDB process this script started (its CPU time is read from /proc)
+# URL options of every client (the store's, the yardstick's). With a SecantusDB of its own the script turns the
+# driver's retryable writes off: SecantusDB keeps each one's reply for 30 minutes, up to 10,000, and scans (past
+# 10,000: sorts) them all on every write, so its CPU per write grew from 1.5 to 20 ms over a run, and whatever
+# ran later in a run ran slower. mongod keeps them in a session table: no such cost.
+OPTIONS = ""
 
 
 def server_cpu() -> float | None:
@@ -280,7 +285,7 @@ async def row_indexes(rows: Any) -> None:
 async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
     """Each kind of driver write a turn may use, timed in interleaved rounds on one client (sequential): wall
     milliseconds and client CPU milliseconds per call."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(f"{uri}/{OPTIONS}")
     database = client["bench_costs"]
     journaled = WriteConcern(j=True)
     plain = database.get_collection("plain")
@@ -345,7 +350,7 @@ async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = False
     bot's events, insert the delivered marks, update the row dropping the lease (update_one). Sequential, one
     client, journaled as the store writes. ``middle_row_update=True`` adds the row update the store made
     between the two inserts until it put it off to the last write (5 writes, as before)."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(f"{uri}/{OPTIONS}")
     database = client["bench_raw_turn"]
     concern = WriteConcern(j=True)
     events = database.get_collection("events", write_concern=concern)
@@ -480,7 +485,7 @@ def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
     figures["raw_turn_5"] = asyncio.run(raw_turn_rate(uri, args.raw_turns, middle_row_update=True))
     for _, path in variants:
         tag = "base" if path else "this"
-        count = f"{uri}/{run}_{tag}_count"
+        count = f"{uri}/{run}_{tag}_count{OPTIONS}"
         figures[f"count_{tag}"] = child_result(["--child", "count", count, str(args.count_n), str(args.count_k)], path)
     # Each pass runs, for each layout, the yardstick and then the turns of each variant (the variants' order
     # alternating from pass to pass), so that a ratio divides figures measured minutes apart at most: the
@@ -494,12 +499,12 @@ def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
                 yardstick = {}
                 for journal in (False, True):
                     concern = "j" if journal else "default"
-                    url = f"{uri}/{run}_raw_{layout}_{concern}_{number}"
+                    url = f"{uri}/{run}_raw_{layout}_{concern}_{number}{OPTIONS}"
                     yardstick[concern] = raw_inserts(url, processes, args.raw, concurrency, journal)
                     runs.setdefault(f"raw_{layout}_{concern}", []).append(yardstick[concern])
                 for _, path in ordered:
                     tag = "base" if path else "this"
-                    url = f"{uri}/{run}_{tag}_{layout}_{number}"
+                    url = f"{uri}/{run}_{tag}_{layout}_{number}{OPTIONS}"
                     result = turns(url, processes, args.n, args.k, concurrency, path)
                     per_turn = sum(figures[f"count_{tag}"]["writes"].values())
                     for concern, raw in yardstick.items():
@@ -518,7 +523,7 @@ def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
             if name in results[0]:
                 figures[key][f"each_{name}"] = [result[name] for result in results]
     sizes = [int(size) for size in args.log_sizes.split(",")]
-    figures["cold_resume_s"] = asyncio.run(cold_resume(f"{uri}/{run}_resume", sizes, args.repeats))
+    figures["cold_resume_s"] = asyncio.run(cold_resume(f"{uri}/{run}_resume{OPTIONS}", sizes, args.repeats))
     return figures
 
 
@@ -531,7 +536,8 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     unit = costs["insert_one (driver default)"]["ms"]
     tasks = figures["concurrency"]
     print(f"MongoDB store benchmark: {platform.python_implementation()} {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, server {'SecantusDB (child process)' if args.uri is None else 'given'}")  # fmt: skip
+          f"{os.cpu_count()} CPUs, server {'SecantusDB (child process)' if args.uri is None else 'given'}, "
+          f"driver's retryable writes {'on' if args.uri is not None or args.retry_writes else 'off'}")  # fmt: skip
     print("\nwhat a write costs (sequential, one client)   ms/call  insert_one calls   client CPU ms   server CPU ms"
           "   (server CPU: 0 when the server is not this script's)")  # fmt: skip
     for kind, cost in costs.items():
@@ -606,6 +612,9 @@ def main() -> None:
     parser.add_argument("--count-k", type=int, default=5, help="turns each in the run that counts writes")
     parser.add_argument("--log-sizes", default="100,1000,10000", help="event counts for cold resume")
     parser.add_argument("--repeats", type=int, default=3, help="cold resumes per size (median)")
+    parser.add_argument(
+        "--retry-writes", action="store_true", help="keep the driver's retryable writes on SecantusDB (see OPTIONS)"
+    )
     parser.add_argument("--baseline", help="a checkout whose dynaprompt to measure too, interleaved (before/after)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -617,8 +626,9 @@ def main() -> None:
         uri = args.uri
         if uri is None:
             server, uri = start_secantus(Path(folder))
-            global SERVER_PID
+            global SERVER_PID, OPTIONS
             SERVER_PID = server.pid
+            OPTIONS = "" if args.retry_writes else "?retryWrites=false"
         try:
             figures = measure(args, uri.rstrip("/"))
         finally:
