@@ -6,7 +6,7 @@ Run ``python benchmarks/bench_mongo.py`` (``--help`` lists the options). It star
 temporary folder (``--uri mongodb://...`` or ``DYNAPROMPT_BENCH_MONGODB_URI`` use yours instead) and prints:
 
 * the cost of each kind of driver write on this server (sequential, one client, interleaved rounds), in
-  milliseconds, in ``insert_one`` calls' time, and in client CPU: ``insert_one`` with the driver's default
+  milliseconds, in ``insert_one`` calls' time, in client CPU and in server CPU: ``insert_one`` with the driver's default
   write concern (the yardstick the issue names) and with the store's (``j=true``), ``insert_many`` of 4 and of
   2 event documents, ``update_one`` and ``find_one_and_update`` of a conversation document;
 * writes (and reads) per turn, counted by wrapping the store's collections (every driver call), and in that
@@ -16,12 +16,15 @@ temporary folder (``--uri mongodb://...`` or ``DYNAPROMPT_BENCH_MONGODB_URI`` us
   conversations, all at once after a common start signal; wall time from the signal to the last), driven
   *sequentially* (one ``deliver()`` at a time per process) and *concurrently* (``--concurrency`` tasks in all,
   split over the processes, each delivering the K replies of one conversation after another, as a server
-  with many users does), with each process's CPU time per turn;
+  with many users does), with each process's CPU time per turn and the server's (when this script started
+  the server: read from ``/proc``);
 * the yardstick in the same layout, run just before those turns: raw ``insert_one`` calls of an event-sized
   document, one at a time per process, or with the same number of tasks in the same number of processes;
 * the ratio turns/s / (raw insert_one rate / writes per turn), against the target 0.7, for both write
-  concerns; all of it ``--passes`` times (medians printed, each pass's turns/s too: the server's journal
-  flushes vary a lot on a shared machine); and a second yardstick: a turn's very driver writes issued raw
+  concerns, and the same ratio in CPU time (server + client), which the machine's load moves far less; all
+  of it ``--passes`` times (medians printed with their min-max: wall rates vary a lot on a shared machine);
+  on a SecantusDB of its own, with the driver's retryable writes off (see ``OPTIONS``); and a second
+  yardstick: a turn's very driver writes issued raw
   (same documents, same filters, no runner, no store), which shows what the runner and the store add to the
   writes themselves;
 * cold resume: a new store and runner deliver one reply to a conversation whose log holds 100, 1,000
