@@ -6,7 +6,7 @@ Run ``python benchmarks/bench_mongo.py`` (``--help`` lists the options). It star
 temporary folder (``--uri mongodb://...`` or ``DYNAPROMPT_BENCH_MONGODB_URI`` use yours instead) and prints:
 
 * the cost of each kind of driver write on this server (sequential, one client, interleaved rounds), in
-  milliseconds, in ``insert_one`` calls' time, and in client CPU: ``insert_one`` with the driver's default
+  milliseconds, in ``insert_one`` calls' time, in client CPU and in server CPU: ``insert_one`` with the driver's default
   write concern (the yardstick the issue names) and with the store's (``j=true``), ``insert_many`` of 4 and of
   2 event documents, ``update_one`` and ``find_one_and_update`` of a conversation document;
 * writes (and reads) per turn, counted by wrapping the store's collections (every driver call), and in that
@@ -16,12 +16,15 @@ temporary folder (``--uri mongodb://...`` or ``DYNAPROMPT_BENCH_MONGODB_URI`` us
   conversations, all at once after a common start signal; wall time from the signal to the last), driven
   *sequentially* (one ``deliver()`` at a time per process) and *concurrently* (``--concurrency`` tasks in all,
   split over the processes, each delivering the K replies of one conversation after another, as a server
-  with many users does), with each process's CPU time per turn;
+  with many users does), with each process's CPU time per turn and the server's (when this script started
+  the server: read from ``/proc``);
 * the yardstick in the same layout, run just before those turns: raw ``insert_one`` calls of an event-sized
   document, one at a time per process, or with the same number of tasks in the same number of processes;
 * the ratio turns/s / (raw insert_one rate / writes per turn), against the target 0.7, for both write
-  concerns; all of it ``--passes`` times (medians printed, each pass's turns/s too: the server's journal
-  flushes vary a lot on a shared machine); and a second yardstick: a turn's very driver writes issued raw
+  concerns, and the same ratio in CPU time (server + client), which the machine's load moves far less; all
+  of it ``--passes`` times (medians printed with their min-max: wall rates vary a lot on a shared machine);
+  on a SecantusDB of its own, with the driver's retryable writes off (see ``OPTIONS``); and a second
+  yardstick: a turn's very driver writes issued raw
   (same documents, same filters, no runner, no store), which shows what the runner and the store add to the
   writes themselves;
 * cold resume: a new store and runner deliver one reply to a conversation whose log holds 100, 1,000
@@ -108,6 +111,25 @@ class CountedCollection:
         return attribute
 
 
+SERVER_PID: int | None = None  # the SecantusDB process this script started (its CPU time is read from /proc)
+# URL options of every client (the store's, the yardstick's). With a SecantusDB of its own the script turns the
+# driver's retryable writes off: SecantusDB keeps each one's reply for 30 minutes, up to 10,000, and scans (past
+# 10,000: sorts) them all on every write, so its CPU per write grew from 1.5 to 20 ms over a run, and whatever
+# ran later in a run ran slower. mongod keeps them in a session table: no such cost.
+OPTIONS = ""
+
+
+def server_cpu() -> float | None:
+    """CPU seconds (user + system) the server process has used so far, if this script started it (Linux)."""
+    if SERVER_PID is None:
+        return None
+    try:
+        fields = Path(f"/proc/{SERVER_PID}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i:05d}" for i in range(n)]
 
@@ -163,7 +185,8 @@ async def child_count(url: str, n: int, k: int) -> dict[str, Any]:
     assert isinstance(store, MongoStore)
     counts: dict[str, int] = {}
     waited = [0.0]
-    for attribute in ("_events", "_rows", "_claims"):  # _claims: since the claim stopped waiting for the journal
+    # _rows_unjournaled (the claim and the last row write of a turn) was _claims before 3 (a baseline's name)
+    for attribute in ("_events", "_rows", "_rows_unjournaled", "_claims"):
         if hasattr(store, attribute):
             setattr(store, attribute, CountedCollection(getattr(store, attribute), counts, waited))
     async with Runner(store, NullChannel()) as runner:
@@ -202,7 +225,7 @@ def run_children(commands: list[list[str]], pythonpath: str | None = None) -> di
     for process in children:
         assert process.stdout is not None
         assert process.stdout.readline().strip() == "READY", "a benchmark process failed to start"
-    began = time.perf_counter()
+    began, server_began = time.perf_counter(), server_cpu()
     for process in children:
         assert process.stdin is not None
         process.stdin.write("GO\n")
@@ -213,13 +236,19 @@ def run_children(commands: list[list[str]], pythonpath: str | None = None) -> di
         assert process.returncode == 0, "a benchmark process failed"
         results.append(json.loads(out.strip().splitlines()[-1]))
     wall = time.perf_counter() - began
+    server_ended = server_cpu()
     count = sum(result["count"] for result in results)
-    return {
+    figures = {
         "count": count,
         "seconds": wall,
         "per_s": count / wall,
         "cpu_ms": 1000 * sum(r["cpu"] for r in results) / count,
+        "load": os.getloadavg()[0],
     }
+    if server_began is not None and server_ended is not None:
+        # Includes whatever else the server did meanwhile (nothing else uses it during a run); clock ticks: 10 ms.
+        figures["server_cpu_ms"] = 1000 * (server_ended - server_began) / count
+    return figures
 
 
 def child_result(args: list[str], pythonpath: str | None = None) -> dict[str, Any]:
@@ -259,7 +288,7 @@ async def row_indexes(rows: Any) -> None:
 async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
     """Each kind of driver write a turn may use, timed in interleaved rounds on one client (sequential): wall
     milliseconds and client CPU milliseconds per call."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(f"{uri}/{OPTIONS}")
     database = client["bench_costs"]
     journaled = WriteConcern(j=True)
     plain = database.get_collection("plain")
@@ -301,26 +330,30 @@ async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[s
     for call in kinds.values():  # warm the connection and the server
         for _ in range(10):
             await call()
-    totals = {kind: [0.0, 0.0] for kind in kinds}
+    totals = {kind: [0.0, 0.0, 0.0] for kind in kinds}
     for _ in range(rounds):
         for kind, call in kinds.items():
-            began, cpu = time.perf_counter(), time.process_time()
+            began, cpu, server = time.perf_counter(), time.process_time(), server_cpu() or 0.0
             for _ in range(per_round):
                 await call()
             totals[kind][0] += time.perf_counter() - began
             totals[kind][1] += time.process_time() - cpu
+            totals[kind][2] += (server_cpu() or 0.0) - server
     await client.close()
     calls = rounds * per_round
-    return {kind: {"ms": 1000 * wall / calls, "cpu_ms": 1000 * cpu / calls} for kind, (wall, cpu) in totals.items()}
+    return {
+        kind: {"ms": 1000 * wall / calls, "cpu_ms": 1000 * cpu / calls, "server_cpu_ms": 1000 * server / calls}
+        for kind, (wall, cpu, server) in totals.items()
+    }
 
 
-async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = True) -> dict[str, float]:
+async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = False) -> dict[str, float]:
     """The driver calls of one warm turn as the store issues them, with the documents a turn writes and
     nothing else (no runner, no store): claim the lease (update_one, not journaled), insert the reply and the
-    bot's events, update the row (update_one), insert the delivered marks, update the row dropping the lease
-    (update_one). Sequential, one client, journaled as the store writes. ``middle_row_update=False`` leaves
-    out the third write (what a runner that let the store write the row once per turn would save)."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    bot's events, insert the delivered marks, update the row dropping the lease (update_one). Sequential, one
+    client, journaled as the store writes. ``middle_row_update=True`` adds the row update the store made
+    between the two inserts until it put it off to the last write (5 writes, as before)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(f"{uri}/{OPTIONS}")
     database = client["bench_raw_turn"]
     concern = WriteConcern(j=True)
     events = database.get_collection("events", write_concern=concern)
@@ -452,10 +485,10 @@ def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
         variants.insert(0, ("baseline", str(Path(args.baseline).resolve())))
     figures: dict[str, Any] = {"concurrency": tasks, "costs": asyncio.run(write_costs(uri, args.rounds, 40))}
     figures["raw_turn"] = asyncio.run(raw_turn_rate(uri, args.raw_turns))
-    figures["raw_turn_4"] = asyncio.run(raw_turn_rate(uri, args.raw_turns, middle_row_update=False))
+    figures["raw_turn_5"] = asyncio.run(raw_turn_rate(uri, args.raw_turns, middle_row_update=True))
     for _, path in variants:
         tag = "base" if path else "this"
-        count = f"{uri}/{run}_{tag}_count"
+        count = f"{uri}/{run}_{tag}_count{OPTIONS}"
         figures[f"count_{tag}"] = child_result(["--child", "count", count, str(args.count_n), str(args.count_k)], path)
     # Each pass runs, for each layout, the yardstick and then the turns of each variant (the variants' order
     # alternating from pass to pass), so that a ratio divides figures measured minutes apart at most: the
@@ -469,23 +502,36 @@ def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
                 yardstick = {}
                 for journal in (False, True):
                     concern = "j" if journal else "default"
-                    url = f"{uri}/{run}_raw_{layout}_{concern}_{number}"
+                    url = f"{uri}/{run}_raw_{layout}_{concern}_{number}{OPTIONS}"
                     yardstick[concern] = raw_inserts(url, processes, args.raw, concurrency, journal)
                     runs.setdefault(f"raw_{layout}_{concern}", []).append(yardstick[concern])
                 for _, path in ordered:
                     tag = "base" if path else "this"
-                    url = f"{uri}/{run}_{tag}_{layout}_{number}"
+                    url = f"{uri}/{run}_{tag}_{layout}_{number}{OPTIONS}"
                     result = turns(url, processes, args.n, args.k, concurrency, path)
                     per_turn = sum(figures[f"count_{tag}"]["writes"].values())
                     for concern, raw in yardstick.items():
                         result[f"ratio_{concern}"] = result["per_s"] / (raw["per_s"] / per_turn)
+                        if "server_cpu_ms" in result and "server_cpu_ms" in raw:
+                            # The same ratio in CPU time (server + runner processes), which another program's
+                            # load on the machine moves far less than it moves wall time.
+                            turn_cpu = result["server_cpu_ms"] + result["cpu_ms"]
+                            insert_cpu = raw["server_cpu_ms"] + raw["cpu_ms"]
+                            result[f"cpu_ratio_{concern}"] = per_turn * insert_cpu / turn_cpu
                     runs.setdefault(f"{tag}_{layout}", []).append(result)
     for key, results in runs.items():
         figures[key] = {name: statistics.median(result[name] for result in results) for name in results[0]}
         figures[key]["each_per_s"] = [result["per_s"] for result in results]
+        for name in ("ratio_j", "ratio_default", "cpu_ratio_j", "server_cpu_ms", "load"):
+            if name in results[0]:
+                figures[key][f"each_{name}"] = [result[name] for result in results]
     sizes = [int(size) for size in args.log_sizes.split(",")]
-    figures["cold_resume_s"] = asyncio.run(cold_resume(f"{uri}/{run}_resume", sizes, args.repeats))
+    figures["cold_resume_s"] = asyncio.run(cold_resume(f"{uri}/{run}_resume{OPTIONS}", sizes, args.repeats))
     return figures
+
+
+def spread(values: list[float], form: str = ".2f") -> str:
+    return f"{min(values):{form}}-{max(values):{form}}"
 
 
 def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
@@ -493,10 +539,13 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     unit = costs["insert_one (driver default)"]["ms"]
     tasks = figures["concurrency"]
     print(f"MongoDB store benchmark: {platform.python_implementation()} {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, server {'SecantusDB (child process)' if args.uri is None else 'given'}")  # fmt: skip
-    print("\nwhat a write costs (sequential, one client)   ms/call  insert_one calls   client CPU ms")
+          f"{os.cpu_count()} CPUs, server {'SecantusDB (child process)' if args.uri is None else 'given'}, "
+          f"driver's retryable writes {'on' if args.uri is not None or args.retry_writes else 'off'}")  # fmt: skip
+    print("\nwhat a write costs (sequential, one client)   ms/call  insert_one calls   client CPU ms   server CPU ms"
+          "   (server CPU: 0 when the server is not this script's)")  # fmt: skip
     for kind, cost in costs.items():
-        print(f"  {kind:43s}{cost['ms']:7.2f}  {cost['ms'] / unit:10.2f}  {cost['cpu_ms']:17.2f}")
+        print(f"  {kind:43s}{cost['ms']:7.2f}  {cost['ms'] / unit:10.2f}  {cost['cpu_ms']:17.2f}  "
+              f"{cost['server_cpu_ms']:13.2f}")  # fmt: skip
     tags = ["base", "this"] if args.baseline else ["this"]
     for tag in tags:
         counted = figures[f"count_{tag}"]
@@ -509,33 +558,45 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         print(f"  a sequential turn took {counted['turn_ms']:.1f} ms, of which {counted['writes_ms']:.1f} ms awaiting "
               f"the driver's writes: the runner and the store add {added:.1f} ms")  # fmt: skip
         if tag == "this":
-            one_turn = (costs["update_one (driver default)"]["ms"] + 2 * costs["update_one, j=true"]["ms"]
+            # the claim and the last row write go without j; the two inserts with it
+            one_turn = (2 * costs["update_one (driver default)"]["ms"]
                         + costs["insert_many of 4, j=true"]["ms"]
                         + costs["insert_many of 2, j=true"]["ms"])  # fmt: skip
             print(f"  those writes at the costs above: {one_turn:.1f} ms = {one_turn / unit:.1f} insert_one calls")
-            for key, what in (("raw_turn", "all 5"), ("raw_turn_4", "without write 3 (the first row update)")):
+            for key, what in (("raw_turn", "those 4"), ("raw_turn_5", "with a row update between the inserts (5)")):
                 print(f"  {what}, issued raw in a loop (no runner, no store): {figures[key]['per_s']:.1f} turns/s, "
                       f"{figures[key]['cpu_ms']:.2f} ms client CPU a turn")  # fmt: skip
-    print(f"\nyardstick: raw insert_one of an event document       driver default      j=true (store's)"
-          f"   (medians of {args.passes} passes)")  # fmt: skip
+    print(f"\nyardstick: raw insert_one of an event document   driver default /s   j=true (store's) /s   server CPU "
+          f"ms/insert (j)   load   (medians of {args.passes} passes; min-max)")  # fmt: skip
     layouts = (("raw_seq1", "sequential, 1 process"), ("raw_seq3", "sequential, 3 processes"),
                ("raw_conc1", f"concurrent, {tasks} tasks, 1 process"),
                ("raw_conc3", f"concurrent, {tasks} tasks, 3 processes"))  # fmt: skip
     for key, label in layouts:
-        print(f"  {label:45s}{figures[key + '_default']['per_s']:10.0f} /s  {figures[key + '_j']['per_s']:10.0f} /s")
-    print("\nturns/s (N conv x K turns)          turns/s  CPU ms/turn  ratio vs insert_one: default  j=true"
-          "   (target 0.7)   turns/s of each pass")  # fmt: skip
+        plain, journaled = figures[key + "_default"], figures[key + "_j"]
+        server = f"{journaled['server_cpu_ms']:.2f}" if "server_cpu_ms" in journaled else "n/a"
+        print(f"  {label:45s}{plain['per_s']:6.0f} ({spread(plain['each_per_s'], '.0f')})  "
+              f"{journaled['per_s']:6.0f} ({spread(journaled['each_per_s'], '.0f')})  {server:>12s}  "
+              f"{journaled['load']:5.1f}")  # fmt: skip
+    print("\nturns/s (N conv x K turns)    turns/s (min-max)   runner CPU ms/turn  server CPU ms/turn   ratio vs "
+          "insert_one: default   j=true (min-max)   in CPU time, j=true (min-max)   (target 0.7)")  # fmt: skip
     for layout in ("seq1", "seq3", "conc1", "conc3"):
         for tag in tags:
             result = figures[f"{tag}_{layout}"]
             label = f"{'sequential' if layout.startswith('seq') else f'{tasks} tasks'}, {layout[-1]} proc"
             label += " (baseline)" if tag == "base" else ""
-            each = " ".join(f"{value:.1f}" for value in result["each_per_s"])
-            print(f"  {label:34s}{result['per_s']:8.1f}  {result['cpu_ms']:11.2f}  {result['ratio_default']:27.2f}  "
-                  f"{result['ratio_j']:6.2f}   {each}")  # fmt: skip
+            server = f"{result['server_cpu_ms']:.2f}" if "server_cpu_ms" in result else "n/a"
+            cpu_ratio = (
+                f"{result['cpu_ratio_j']:.2f} ({spread(result['each_cpu_ratio_j'])})"
+                if "cpu_ratio_j" in result
+                else "n/a"
+            )
+            print(f"  {label:28s}{result['per_s']:7.1f} ({spread(result['each_per_s'], '.1f')})  "
+                  f"{result['cpu_ms']:8.2f}  {server:>18s}  {result['ratio_default']:21.2f}  "
+                  f"{result['ratio_j']:12.2f} ({spread(result['each_ratio_j'])})  {cpu_ratio:>22s}")  # fmt: skip
     print(f"  ({args.n} conversations x {args.k} turns; medians over the passes, each ratio taken against the raw "
           "insert_one run of the same layout just before it: sequential against sequential, concurrent against "
-          "concurrent)")  # fmt: skip
+          "concurrent, 3 processes against 3 processes. In CPU time: writes per turn x (server + client CPU of "
+          "one insert_one) / (server + runner CPU of one turn))")  # fmt: skip
     for events, seconds in figures["cold_resume_s"].items():
         print(f"cold resume, log of {events:6d} events           {seconds * 1000:9.1f} ms")
     print(json.dumps(figures))
@@ -555,6 +616,9 @@ def main() -> None:
     parser.add_argument("--count-k", type=int, default=5, help="turns each in the run that counts writes")
     parser.add_argument("--log-sizes", default="100,1000,10000", help="event counts for cold resume")
     parser.add_argument("--repeats", type=int, default=3, help="cold resumes per size (median)")
+    parser.add_argument(
+        "--retry-writes", action="store_true", help="keep the driver's retryable writes on SecantusDB (see OPTIONS)"
+    )
     parser.add_argument("--baseline", help="a checkout whose dynaprompt to measure too, interleaved (before/after)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -566,6 +630,9 @@ def main() -> None:
         uri = args.uri
         if uri is None:
             server, uri = start_secantus(Path(folder))
+            global SERVER_PID, OPTIONS
+            SERVER_PID = server.pid
+            OPTIONS = "" if args.retry_writes else "?retryWrites=false"
         try:
             figures = measure(args, uri.rstrip("/"))
         finally:

@@ -757,7 +757,9 @@ class Runner:
             return await self._flush(
                 conversation_id, execution, now, outcome.events, force=row_stale, release=True, claim=claim
             )
-        await self._flush(conversation_id, execution, now, outcome.events, force=row_stale, claim=claim)
+        await self._flush(
+            conversation_id, execution, now, outcome.events, force=row_stale, claim=claim, provisional=True
+        )
         return await self._hand_off(conversation_id, execution, now, release=True)
 
     async def _flush(
@@ -770,9 +772,11 @@ class Runner:
         force: bool = False,
         release: bool = False,
         claim: Claim | None = None,
+        provisional: bool = False,
     ) -> ConversationRow | None:
         """Append ``events`` with the row they imply (taking the lease with them if ``claim``, dropping it if
-        ``release``); the new row, or None if there was nothing to write."""
+        ``release``); the new row, or None if there was nothing to write. ``provisional``: the hand-off's
+        append follows at once (see ``RowUpdate.provisional``)."""
         if not events and not force and claim is None:
             return None
         wake_at = execution.wake_at()
@@ -784,6 +788,7 @@ class Runner:
             # log did not move. A bare row rewrite must not, or a reply another runner appended just before
             # would be left unadvanced.
             release_owner=self.owner if release and (events or claim) else None, claim=claim,
+            provisional=provisional,
         )  # fmt: skip
         # Typed values of our own: validated only when the result is a container (the update gets its own copy).
         result = execution.result

@@ -91,7 +91,7 @@ class WriteCounter:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def install(self, store: MongoStore) -> None:
-        for attribute in ("_events", "_rows", "_claims", "_schedules"):
+        for attribute in ("_events", "_rows", "_rows_unjournaled", "_schedules"):
             setattr(store, attribute, CountedCollection(getattr(store, attribute), self))
 
 

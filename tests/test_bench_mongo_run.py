@@ -31,13 +31,14 @@ def test_mongo_benchmark_prints_every_figure(mongodb_uri: str) -> None:
         "what a write costs",
         "insert_one j=true (store's)",
         "find_one_and_update, j=true",
-        "driver writes per turn 5.00",
-        "without write 3",
+        "driver writes per turn 4.00",
+        "with a row update between the inserts",
         "the runner and the store add",
         "concurrent, 3 tasks, 3 processes",
         "sequential, 3 proc (baseline)",
         "3 tasks, 1 proc",
         "cold resume, log of",
+        "in CPU time, j=true",
     ):
         assert label in table, f"{label!r} missing from:\n{table}"
     figures = json.loads("{" + raw)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -175,7 +175,7 @@ class CountedCalls:
 
 async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoStore, clock: VirtualClock) -> None:
     calls: list[str] = []
-    for attribute in ("_events", "_rows", "_claims"):
+    for attribute in ("_events", "_rows", "_rows_unjournaled"):
         setattr(store, attribute, CountedCalls(getattr(store, attribute), calls))
     async with Runner(store, clock=clock, cache_size=16) as runner:  # warm, even when the suite runs with 0
         await runner.start(counter, "ann")
@@ -183,11 +183,10 @@ async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoS
         status = await runner.deliver("ann", "one")
     assert calls == [
         "conversations.update_one (no j)",  # the claim: the journal flush of the insert after it covers it
-        "events.insert_many (j)",  # the reply, the bot's message, the wait
-        "conversations.update_one (j)",  # the row, as a compare-and-swap: nothing read back
+        "events.insert_many (j)",  # the reply, the bot's message, the wait (their row write is put off)
         "events.insert_many (j)",  # the delivered mark
-        "conversations.update_one (j)",  # the row again, dropping the lease
-    ]
+        "conversations.update_one (no j)",  # the row, for both appends, as a compare-and-swap, dropping the lease:
+    ]  # its events are journaled, and a row lost with the server is repaired from them (see MongoStore)
     stored = await store.database["conversations"].find_one({"_id": "ann"})
     assert stored is not None
     assert (status.state, status.last_seq) == ("waiting_for_reply", stored["last_seq"])
@@ -197,6 +196,141 @@ async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoS
         assert await fresh.get("ann") == store._seen["ann"]
     finally:
         await fresh.close()
+
+
+class HoldingChannel:
+    """A channel that, while it holds a message, lets a test look at the store from elsewhere (or refuses)."""
+
+    def __init__(self, during: Callable[[], Any] | None = None, *, refuse: bool = False) -> None:
+        self.during = during
+        self.refuse = refuse
+        self.texts: list[str] = []
+
+    async def deliver(self, message: Any) -> None:
+        if self.during is not None:
+            await self.during()
+        if self.refuse:
+            raise RuntimeError("channel down (injected)")
+        self.texts.append(message.text)
+
+
+async def test_a_row_read_during_the_hand_off_shows_the_events_and_ends_right(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """The row write of the append before a hand-off is put off to the "delivered" append: meanwhile another
+    process reading the row finds events past its last_seq (as after a crash between two writes) and flags
+    it; the turn's last write still leaves the row whole, lease free, flag cleared."""
+    seen: list[ConversationRow | None] = []
+
+    async def look() -> None:
+        fresh = await open_store(store.url)
+        try:
+            seen.append(await fresh.get("ann"))
+        finally:
+            await fresh.close()
+
+    async with Runner(store, clock=clock, cache_size=16) as runner:
+        await runner.start(counter, "ann")
+        runner.channel = HoldingChannel(look)
+        status = await runner.deliver("ann", "one")
+    top = await store.database["events"].find_one({"conversation_id": "ann"}, sort=[("seq", -1)])
+    assert top is not None
+    assert status.last_seq == top["seq"]
+    during = seen[0]
+    assert during is not None
+    assert (during.last_seq, during.needs_advance, during.lease_owner) == (top["seq"] - 1, True, runner.owner)
+    fresh = await open_store(store.url)
+    try:
+        after = await fresh.get("ann")
+    finally:
+        await fresh.close()
+    assert after is not None
+    assert (after.state, after.last_seq, after.needs_advance, after.lease_owner) == (
+        "waiting_for_reply", top["seq"], False, None,
+    )  # fmt: skip
+
+
+async def test_a_refused_hand_off_still_writes_the_row_before_the_lease_goes(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """The channel refuses, so no "delivered" append carries the row write put off before the hand-off: the
+    release makes it first, and the row matches the log, lease free, message still queued."""
+    async with Runner(store, clock=clock, cache_size=16) as runner:
+        await runner.start(counter, "ann")
+        runner.channel = HoldingChannel(refuse=True)
+        status = await runner.deliver("ann", "one")
+        assert not store._deferred
+    top = await store.database["events"].find_one({"conversation_id": "ann"}, sort=[("seq", -1)])
+    assert top is not None
+    assert top["kind"] == "waiting"
+    fresh = await open_store(store.url)
+    try:
+        after = await fresh.get("ann")
+    finally:
+        await fresh.close()
+    assert after is not None
+    assert (status.last_seq, after.last_seq, after.needs_advance, after.lease_owner) == (
+        top["seq"], top["seq"], False, None,
+    )  # fmt: skip
+    channel = HoldingChannel()
+    async with Runner(store, channel, clock=clock) as runner:
+        assert await runner.run_due() >= 0
+        await runner.deliver("ann", "two")
+    assert channel.texts == ["1: one", "2: two"]
+
+
+async def test_a_turns_last_row_write_lost_with_the_server_loses_nothing(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """That write does not wait for the journal. Lost with the server, it leaves the row as the turn's claim did
+    (journaled by the events insert after it): leased, last_seq behind the log. The holder goes on at once;
+    another runner's reply is made durable, and consumed once the lease has expired."""
+    first, second = ListChannel(), ListChannel()
+    async with Runner(store, first, clock=clock) as holder, Runner(store, second, clock=clock) as other:
+        await holder.start(counter, "c")
+        until = (clock.now() + holder.lease - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        for text in ("one", "two"):
+            before = await store.get("c")
+            assert before is not None
+            await holder.deliver("c", text)  # after the loss of the last one: its own lease, taken back at once
+            lost = {"last_seq": before.last_seq, "lease_owner": holder.owner, "lease_until": until}
+            await store.database["conversations"].update_one({"_id": "c"}, {"$set": lost})  # as the server lost it
+        await other.deliver("c", "three")  # durable now, consumed once the lease has expired
+        assert second.texts() == []
+        clock.advance(holder.lease + timedelta(seconds=1))
+        assert await other.run_due() == 1
+        heard = [entry.text for entry in await other.transcript("c") if entry.direction == "in"]
+    assert heard == ["one", "two", "three"]
+    assert first.texts() + second.texts() == ["1: one", "2: two", "3: three"]
+    row = await store.get("c")
+    assert row is not None
+    assert (row.lease_owner, row.needs_advance, row.state) == (None, False, "waiting_for_reply")
+
+
+async def test_a_put_off_row_write_landing_after_a_later_one_leaves_that_one(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """Another use of the row (the serve loop's due(), say) takes the put-off write and makes it, while the
+    turn's last write, which no longer carries it, lands first: the put-off write must not undo or flag it."""
+    now = clock.now()
+    row = ConversationRow(
+        id="di", dialog="mongo-test-counter", state="waiting_for_reply", last_seq=1, updated_at=now,
+        lease_owner="me", lease_until=now + timedelta(seconds=30),
+    )  # fmt: skip
+    await store.create(row, [Started(seq=1, at=now, dialog="mongo-test-counter")])
+    full: dict[str, Any] = {
+        "state": "waiting_for_reply", "needs_advance": False, "parked": False,
+        "clear": frozenset({"wake_at", "result", "error"}),
+    }  # fmt: skip
+    await store.append("di", [ReplyReceived(seq=2, at=now, text="a")], RowUpdate(**full, provisional=True), now)
+    taken = store._deferred.pop("di")  # taken by another use of the row; its write is still on the way
+    last = RowUpdate(**full, release_owner="me")
+    await store.append("di", [ReplyReceived(seq=3, at=now, text="b")], last, now)
+    store._deferred["di"] = taken
+    await store._write_deferred("di")  # lands now
+    stored = await store.get("di")
+    assert stored is not None
+    assert (stored.last_seq, stored.needs_advance, stored.lease_owner) == (3, False, None)
 
 
 async def test_a_row_changed_by_another_store_is_read_back_not_guessed(mongodb_url: str, clock: VirtualClock) -> None:

@@ -86,6 +86,12 @@ class RowUpdate(BaseModel):
     ``claim``: append only if the row is as the runner saw it, taking the lease with the events (see
     :class:`Claim`); with ``release_owner`` too, the lease is checked but left free. Every store must
     honour it: it is what keeps an append made without holding the lease safe.
+
+    ``provisional``: the runner holds the lease and this runner's next write to the conversation follows at
+    once (the hand-off's "delivered" append, or a release if the channel refused), so a store whose append
+    is two writes may put this one's row write off and make it with that next write: the log is the truth,
+    and a crash in between leaves events past the row's ``last_seq``, which the store repairs on read as
+    for any crash between an append's two writes. A store that ignores it stays correct.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -102,6 +108,7 @@ class RowUpdate(BaseModel):
     clear: frozenset[str] = frozenset()
     release_owner: str | None = None
     claim: Claim | None = None
+    provisional: bool = False
 
     def apply(self, row: ConversationRow, last_seq: int, now: datetime) -> ConversationRow:
         changes: dict[str, object] = {"last_seq": last_seq, "updated_at": now}

@@ -15,7 +15,11 @@ No multi-document transactions (a standalone server has none). An append is an o
 ``insert_many`` of the events followed by one update of the conversation document; a crash
 between the two leaves a valid prefix of the log and a stale row, which :meth:`MongoStore.get`
 repairs from the log (the log is the truth, the row an index rebuilt from it). Leases change
-through updates with a filter: an atomic single-document compare-and-set.
+through updates with a filter: an atomic single-document compare-and-set. The row write of an
+append the runner marks ``provisional`` (the one before a hand-off) is put off to the next write of
+the conversation, so a warm turn is 4 writes: claim, events, delivered marks, row (see
+``docs/production.md``). The claim and the row write that drops the lease are not journaled: the
+events insert after the claim flushes it, and a lost last row write leaves the row as the claim did.
 
 The row update of an append is an ``update_one`` whose filter holds every field the update leaves
 alone, as this store last saw them: when it matches, the new row is known without reading it back
@@ -32,6 +36,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -71,6 +76,17 @@ def _us(value: datetime | None) -> int | None:
 
 def _dt(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + value * _MICROSECOND
+
+
+@dataclass(frozen=True, slots=True)
+class _Deferred:
+    """The row write of an append put off to the conversation's next write (see ``RowUpdate.provisional``)."""
+
+    first_seq: int  # the events it covers
+    last_seq: int
+    row: ConversationRow  # the row once written
+    changes: Document  # the fields to set
+    now: datetime
 
 
 def _lease_free(now: int) -> Document:
@@ -130,10 +146,17 @@ class MongoStore:
         # An acknowledged write must survive the server being killed: journaled unless the client or URL chose
         # a write concern of its own (w=majority on a replica set journals too, by the server's default).
         concern = database.write_concern
-        # A claim need not wait for the journal on its own: the events insert that follows it in the same
-        # append does (on one server the journal is sequential, so that flush covers the claim); a claim lost
-        # with the server is a lease lost, which the unique (conversation_id, seq) index makes harmless.
-        self._claims = database.get_collection("conversations")
+        # Two row writes need not wait for the journal (with the server's default concern; a concern of the
+        # client's own applies to them too):
+        # * a claim: the events insert that follows it in the same append does (on one server the journal is
+        #   sequential, so that flush covers the claim); a claim lost with the server is a lease lost, which the
+        #   unique (conversation_id, seq) index makes harmless;
+        # * the row write of an advance's last append, the one that drops the lease: its events are journaled
+        #   before it, and if the server loses it the row is as the claim left it (journaled by those events):
+        #   leased, last_seq behind the log. The holder takes it back at once (the lease is its own); another
+        #   runner once the lease expires, and its get() sees the events past last_seq and replays them.
+        #   Nothing acknowledged is lost: every event of the turn is in the journal; only the index lags.
+        self._rows_unjournaled = database.get_collection("conversations")
         if concern.is_server_default:
             concern = WriteConcern(j=True)
         self._events = database.get_collection("events", write_concern=concern)
@@ -141,6 +164,7 @@ class MongoStore:
         self._schedules = database.get_collection("schedules", write_concern=concern)
         self._indexed = False
         self._seen: OrderedDict[str, ConversationRow] = OrderedDict()
+        self._deferred: dict[str, _Deferred] = {}  # row writes put off to the conversation's next write
 
     @classmethod
     async def open(
@@ -220,6 +244,8 @@ class MongoStore:
     async def get(self, conversation_id: str) -> ConversationRow | None:
         """The row, reconciled with the log: if events lie past its ``last_seq`` (a writer
         died between its two writes), the row says so (``needs_advance``) and is fixed in place."""
+        if conversation_id in self._deferred:
+            await self._write_deferred(conversation_id)
 
         async def read() -> tuple[Document | None, Document | None]:
             found: tuple[Document | None, Document | None] = await asyncio.gather(
@@ -307,7 +333,16 @@ class MongoStore:
         already in, those stay (they are a valid prefix the other writer built on).
 
         A claim is one more write, first: without a multi-document transaction the lease must be ours
-        before the events go in, or a runner holding it could find its work overtaken."""
+        before the events go in, or a runner holding it could find its work overtaken.
+
+        A ``provisional`` update's row write is put off (when this store knows the row it applies to) and
+        made with the conversation's next write: the next append carries it in its own row update, any other
+        use of the row (``get``, ``acquire``, ``release``, the queries over all rows, ``close``) makes it
+        first. A warm turn is then 4 writes, not 5."""
+        deferred = self._deferred.get(conversation_id)
+        if deferred is not None and (update.claim is not None or not events or events[0].seq != deferred.last_seq + 1):
+            await self._write_deferred(conversation_id)  # not this write's to carry
+            deferred = None
         if update.claim is not None:
             await self._claim(conversation_id, update.claim, events[0].seq if events else update.claim.last_seq + 1)
         await self._insert_events(conversation_id, events)
@@ -316,8 +351,65 @@ class MongoStore:
             value = getattr(update, name)
             if value is not None or name in update.clear:
                 changes[name] = _us(value) if name == "wake_at" else value
-        if events:
-            written = await self._swap_row(conversation_id, events[0].seq, events[-1].seq, update, changes, now)
+        if deferred is not None:  # this write carries the row write put off before it (see RowUpdate.provisional)
+            self._deferred.pop(conversation_id, None)  # (if another task made it meanwhile, the swap misses)
+            changes = {**deferred.changes, **changes}
+        first_seq = deferred.first_seq if deferred is not None else events[0].seq if events else 0
+        base = deferred.row if deferred is not None else self._seen.get(conversation_id)
+        if (
+            update.provisional and events and update.release_owner is None and base is not None
+            and base.last_seq == events[0].seq - 1 and _STATE_FIELDS <= changes.keys()
+        ):  # fmt: skip
+            # Put the row write off to the next write of this conversation: the runner's hand-off append follows.
+            row = update.apply(base, events[-1].seq, now)
+            self._deferred[conversation_id] = _Deferred(first_seq, events[-1].seq, row, changes, now)
+            return row
+        last_seq = events[-1].seq if events else None
+        return await self._write_row(conversation_id, first_seq, last_seq, update, changes, base, now)
+
+    async def _write_deferred(self, conversation_id: str) -> None:
+        """Make the row write an append put off (see ``RowUpdate.provisional``), before any other use of the row."""
+        deferred = self._deferred.pop(conversation_id, None)
+        if deferred is None:
+            return
+        try:
+            # RowUpdate(): deferred.row already holds the changes (applying it again only sets last_seq, updated_at)
+            written = await self._swap_row(
+                conversation_id, deferred.first_seq, deferred.last_seq, RowUpdate(), deferred.changes, deferred.row,
+                deferred.now,
+            )  # fmt: skip
+            if written is None:
+                # Guarded by last_seq only: a row already past these events was written by someone who read them
+                # (a later write of ours, or a reply appended after them that flags the row itself): keep it.
+                await self._retry(
+                    "append",
+                    lambda: self._rows.update_one(
+                        {"_id": conversation_id, "last_seq": {"$lte": deferred.last_seq}},
+                        {"$set": deferred.changes, "$max": {"last_seq": deferred.last_seq}},
+                    ),
+                )
+        except BaseException:
+            self._deferred.setdefault(conversation_id, deferred)  # made by the next use of the row, if any
+            raise
+
+    async def _write_all_deferred(self) -> None:
+        for conversation_id in list(self._deferred):
+            await self._write_deferred(conversation_id)
+
+    async def _write_row(
+        self,
+        conversation_id: str,
+        first_seq: int,
+        last_seq: int | None,
+        update: RowUpdate,
+        changes: Document,
+        base: ConversationRow | None,
+        now: datetime,
+    ) -> ConversationRow:
+        """The row write of an append of events ``first_seq..last_seq`` (None: no events); ``base`` is the row
+        as it was before them, as this store believes (a hint)."""
+        if last_seq is not None and base is not None:
+            written = await self._swap_row(conversation_id, first_seq, last_seq, update, changes, base, now)
             if written is not None:
                 return written
         operation: Document = {"$set": changes}
@@ -325,10 +417,9 @@ class MongoStore:
         # between (a reply made durable without the lease). Each attempt below is guarded so that it
         # never hides such events: the first that matches wins; usually the first does.
         attempts: list[tuple[Document, Document]] = []
-        if events:
-            last = events[-1].seq
-            operation["$max"] = {"last_seq": last}
-            guard: Document = {"_id": conversation_id, "last_seq": {"$lte": last}}
+        if last_seq is not None:
+            operation["$max"] = {"last_seq": last_seq}
+            guard: Document = {"_id": conversation_id, "last_seq": {"$lte": last_seq}}
             owner = update.release_owner
             if owner is not None:  # drop the lease with this write if we hold it and nothing came after us
                 released = {**changes, "lease_owner": None, "lease_until": None}
@@ -357,7 +448,14 @@ class MongoStore:
         return self._saw(_row(found))
 
     async def _swap_row(
-        self, conversation_id: str, first_seq: int, last_seq: int, update: RowUpdate, changes: Document, now: datetime
+        self,
+        conversation_id: str,
+        first_seq: int,
+        last_seq: int,
+        update: RowUpdate,
+        changes: Document,
+        base: ConversationRow,
+        now: datetime,
     ) -> ConversationRow | None:
         """The row update of an append as a compare-and-swap on the row this store last saw: the new row, or
         None when the store has not seen the row or it changed meanwhile (then ``append`` reads it back).
@@ -365,7 +463,8 @@ class MongoStore:
         When every field the update leaves alone is still what this store saw (the filter says so), the new
         document is known without reading it: ``update_one`` instead of ``find_one_and_update``, and no
         validation of a document read back. Only for updates that set every state field (an advance's
-        flush does), so the filter compares scalars only, never a dialog's JSON result.
+        flush does), so the filter compares scalars only, never a dialog's JSON result. ``base`` is the row
+        the update applies to: what this store saw, or that with a row write put off since applied.
         """
         seen = self._seen.get(conversation_id)
         if seen is None or seen.last_seq != first_seq - 1 or not _STATE_FIELDS <= changes.keys():
@@ -374,11 +473,13 @@ class MongoStore:
             "_id": conversation_id, "last_seq": seen.last_seq, "run_seq": seen.run_seq, "run": seen.run,
             "dialog": seen.dialog, "tz": seen.tz, "lease_owner": seen.lease_owner, "lease_until": _us(seen.lease_until),
         }  # fmt: skip
-        row = update.apply(seen, last_seq, now)
+        row = update.apply(base, last_seq, now)
         change = {**changes, "last_seq": last_seq}
         if row.lease_owner is None and seen.lease_owner is not None:
             change["lease_owner"] = change["lease_until"] = None
-        result = await self._retry("append", lambda: self._rows.update_one(query, {"$set": change}))
+        # The turn's last row write, dropping the lease, need not wait for the journal (see __init__).
+        rows = self._rows_unjournaled if update.release_owner is not None and row.lease_owner is None else self._rows
+        result = await self._retry("append", lambda: rows.update_one(query, {"$set": change}))
         if result.matched_count != 1:
             self._seen.pop(conversation_id, None)
             return None
@@ -403,7 +504,7 @@ class MongoStore:
         # network failure, a claim that did land still matches (the lease is then ours), so it is idempotent.
         claimed = await self._retry(
             "append",
-            lambda: self._claims.update_one(
+            lambda: self._rows_unjournaled.update_one(
                 query, {"$set": {"lease_owner": claim.owner, "lease_until": _us(claim.until)}}
             ),
         )
@@ -458,6 +559,8 @@ class MongoStore:
     async def acquire(
         self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
     ) -> ConversationRow | None:
+        if conversation_id in self._deferred:
+            await self._write_deferred(conversation_id)
         owners = [owner] if steal_from is None else [owner, steal_from]
         found = await self._retry(
             "acquire",
@@ -477,6 +580,8 @@ class MongoStore:
         return None if found is None else self._saw(_row(found))
 
     async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
+        if conversation_id in self._deferred:
+            await self._write_deferred(conversation_id)
         query: Document = {"_id": conversation_id, "lease_owner": owner}
         if last_seq is not None:
             query["last_seq"] = last_seq
@@ -501,6 +606,8 @@ class MongoStore:
     async def due(self, now: datetime, limit: int) -> list[str]:
         """Conversations needing attention (unconsumed input, a lease left to expire) first, then
         due timers soonest first; each query runs on an index."""
+        if self._deferred:
+            await self._write_all_deferred()
         stamp = _stamp(now)
 
         async def read() -> list[list[Document]]:
@@ -523,6 +630,8 @@ class MongoStore:
         return list(ids)[:limit]
 
     async def next_wake_at(self, *, after: datetime | None = None) -> datetime | None:
+        if self._deferred:
+            await self._write_all_deferred()
         later: Document = {"$ne": None} if after is None else {"$gt": _stamp(after)}
 
         async def read() -> list[Document | None]:
@@ -542,6 +651,8 @@ class MongoStore:
         return _dt(min(times)) if times else None
 
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:
+        if self._deferred:
+            await self._write_all_deferred()
         query = {} if state is None else {"state": state}
         docs = await self._retry("conversations", lambda: self._rows.find(query).sort("_id", ASCENDING).to_list(None))
         return [_row(doc) for doc in docs]
@@ -621,6 +732,8 @@ class MongoStore:
 
     async def close(self) -> None:
         """Close the client if this store opened it (never one it was given)."""
+        if self._deferred:
+            await self._write_all_deferred()
         if self._owns_client:
             await self._client.close()
 
