@@ -575,6 +575,18 @@ class Runner:
                     return
                 except ConflictError:
                     now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
+            else:
+                # Cold: replay the log read without the lease, and let the first append take the lease if the
+                # row still ends where that log does (see Claim): no separate claim, one write a wake-up fewer.
+                # Parked, flagged or held by a live runner, or moved meanwhile: nothing is written, and the
+                # claim-first path below takes over.
+                execution = await self._replayed(conversation_id)
+                if execution is not None:
+                    try:
+                        await self._advance_and_release(conversation_id, execution, claim=self._claim(execution, now))
+                        return
+                    except ConflictError:
+                        now = self.clock.now()
             try:
                 # Due work usually has a free lease: claim it at once, read the row only when that fails (a dead
                 # holder's lease may then be taken over). One statement per wake-up instead of two.
@@ -641,24 +653,15 @@ class Runner:
                     cached.extend(await self.store.load(row.id, cached.last_seq))
                 return cached
             await cached.close()
-        events = await self.store.load(row.id)
-        # The latest run's start: where the row says (a log numbered from 1 holds seq n at n - 1), else looked
-        # for from the end.
-        start_at: int | None = row.run_seq - 1
-        if not (
-            start_at is not None
-            and 0 <= start_at < len(events)
-            and events[start_at].kind == "started"
-            and events[start_at].seq == row.run_seq
-        ):
-            start_at = next((i for i in range(len(events) - 1, -1, -1) if events[i].kind == "started"), None)
-        if start_at is None:
+        execution = _rebuilt(row.id, await self.store.load(row.id), row.run_seq)
+        if execution is None:
             raise UnknownConversationError(row.id)
-        started = events[start_at]
-        assert isinstance(started, Started)
-        execution = Execution.begin(row.id, lookup(started.dialog), started, events[:start_at])
-        execution.extend(events[start_at + 1 :])
         return execution
+
+    async def _replayed(self, conversation_id: str) -> Execution | None:
+        """The latest run of the conversation replayed from its whole log, read without a lease (a claim made
+        from it checks that the row still ends where this log does); None if it has no log."""
+        return _rebuilt(conversation_id, await self.store.load(conversation_id))
 
     async def _advance_and_release(
         self,
@@ -997,6 +1000,27 @@ def _default_cache_size() -> int:
         return int(text)
     except ValueError:
         raise DynapromptError(f"DYNAPROMPT_CACHE_SIZE must be a whole number, not {text!r}") from None
+
+
+def _rebuilt(conversation_id: str, events: list[Event], run_seq: int | None = None) -> Execution | None:
+    """The execution of the latest run in ``events`` (a whole log), caught up to its end; None if it has no run."""
+    # The latest run's start: where the row says (a log numbered from 1 holds seq n at n - 1), else looked for
+    # from the end.
+    start_at: int | None = None if run_seq is None else run_seq - 1
+    if not (
+        start_at is not None
+        and 0 <= start_at < len(events)
+        and events[start_at].kind == "started"
+        and events[start_at].seq == run_seq
+    ):
+        start_at = next((i for i in range(len(events) - 1, -1, -1) if events[i].kind == "started"), None)
+    if start_at is None:
+        return None
+    started = events[start_at]
+    assert isinstance(started, Started)
+    execution = Execution.begin(conversation_id, lookup(started.dialog), started, events[:start_at])
+    execution.extend(events[start_at + 1 :])
+    return execution
 
 
 def _seconds(value: timedelta | float) -> timedelta:

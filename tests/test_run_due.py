@@ -25,6 +25,7 @@ from dynaprompt import (
     wait_for_reply,
 )
 from dynaprompt.errors import InvalidInputError, StoreUnavailableError
+from dynaprompt.events import ReplyReceived
 from dynaprompt.stores.base import ConversationRow, RowUpdate
 from dynaprompt.stores.memory import MemoryStore
 from dynaprompt.testing import VirtualClock
@@ -121,8 +122,8 @@ async def test_the_writes_of_conversations_woken_together_share_sqlite_transacti
             assert await runner.run_due() == 40
             commits = store.commits - before  # type: ignore[attr-defined]
         assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
-        # One at a time, each wake-up commits three times (claim, the message, its hand-off): 120 in all.
-        assert commits <= 40 // 8 * 3 + 3
+        # One at a time, each wake-up commits twice (the message, with its claim; its hand-off): 80 in all.
+        assert commits <= 40 // 8 * 2 + 3
     finally:
         await store.close()
 
@@ -270,6 +271,86 @@ async def test_a_claim_that_committed_as_its_fire_was_cancelled_is_released(cloc
     row = await store.get("s000")
     assert row is not None
     assert row.lease_owner is None  # not left for an hour
+
+
+class CountsClaims(MemoryStore):
+    """Counts lease claims made on their own (``acquire``) and those made with an append."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acquired: list[str] = []
+        self.claimed: list[str] = []
+
+    async def acquire(
+        self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
+    ) -> ConversationRow | None:
+        self.acquired.append(conversation_id)
+        return await super().acquire(conversation_id, owner, until, now, steal_from=steal_from)
+
+    async def append(
+        self, conversation_id: str, events: list[Any], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        if update.claim is not None:
+            self.claimed.append(conversation_id)
+        return await super().append(conversation_id, events, update, now)
+
+
+async def test_a_cold_wake_up_takes_its_lease_with_its_first_append(clock: VirtualClock) -> None:
+    """Replayed from the log (no cache), a due conversation is claimed by the append of what it did, not by a
+    write of its own before: two writes a wake-up (that append, then the hand-off's), not three."""
+    store = CountsClaims()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4) as runner:
+        ids = await start_sleepers(runner, 6)
+        store.acquired.clear()
+        store.claimed.clear()
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 6
+    assert store.acquired == []
+    assert sorted(store.claimed) == ids
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+    assert [row.lease_owner for row in await store.conversations()] == [None] * 6
+
+
+class ReplyBeforeClaim(CountsClaims):
+    """Before the first claiming append of ``target``, another runner makes a reply durable (as ``deliver`` does
+    while it cannot take the lease): the log the claim was made from is stale by then."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target: str | None = target
+
+    async def append(
+        self, conversation_id: str, events: list[Any], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        if update.claim is not None and conversation_id == self.target:
+            self.target = None
+            row = await self.get(conversation_id)
+            assert row is not None
+            reply = ReplyReceived(seq=row.last_seq + 1, at=now, text="meanwhile")
+            await super().append(conversation_id, [reply], RowUpdate(needs_advance=True), now)
+        return await super().append(conversation_id, events, update, now)
+
+
+async def test_a_cold_wake_up_whose_log_moved_before_its_claim_writes_nothing_and_goes_on_leased(
+    clock: VirtualClock,
+) -> None:
+    store = ReplyBeforeClaim("s001")
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0) as runner:
+        ids = await start_sleepers(runner, 3)
+        store.acquired.clear()
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 3
+    assert store.acquired == ["s001"]  # refused claim: the claim-first path took over
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+    kinds = [event.kind for event in await store.load("s001")]
+    assert kinds.count("reply") == 1
+    assert kinds.count("sent") == 1
+    assert kinds.count("timer_fired") == 1
+    row = await store.get("s001")
+    assert row is not None
+    assert (row.state, row.lease_owner, row.needs_advance) == ("completed", None, False)
 
 
 def test_due_concurrency_must_be_at_least_one() -> None:
