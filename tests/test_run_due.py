@@ -189,8 +189,9 @@ async def test_one_failing_conversation_does_not_stop_the_others_woken_with_it(
     assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
 
 
-class StuckInLoad(NetworkLikeStore):
-    """Every load waits until ``unstuck`` is set; ``stuck`` counts the conversations waiting there."""
+class StuckInHandOff(ListChannel):
+    """Every hand-off waits until ``unstuck`` is set (by then the conversation's message is durable and its lease
+    held); ``stuck`` counts the conversations waiting there."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -199,31 +200,30 @@ class StuckInLoad(NetworkLikeStore):
         self.expected = 0
         self.unstuck = anyio.Event()
 
-    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Any]:
+    async def deliver(self, message: Message) -> None:
         if not self.unstuck.is_set():
             self.stuck += 1
             if self.stuck == self.expected:
                 self.all_stuck.set()
             await self.unstuck.wait()
-        return await super().load(conversation_id, after_seq)
+        await super().deliver(message)
 
 
 async def test_cancelling_run_due_releases_every_lease_it_holds(clock: VirtualClock) -> None:
-    store = StuckInLoad()
-    channel = ListChannel()
+    store = NetworkLikeStore()
+    channel = StuckInHandOff()
     async with Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4, lease_seconds=3600) as runner:
-        store.unstuck.set()
         ids = await start_sleepers(runner, 10)
-        store.unstuck = anyio.Event()
-        store.expected = 4
+        channel.expected = 4
         clock.advance(timedelta(hours=2))
         async with anyio.create_task_group() as group:
             group.start_soon(runner.run_due)
-            await store.all_stuck.wait()  # four conversations claimed and being advanced
+            await channel.all_stuck.wait()  # four conversations claimed and being advanced
+            assert len([row for row in await store.conversations() if row.lease_owner is not None]) == 4
             group.cancel_scope.cancel()
         assert [row.id for row in await store.conversations() if row.lease_owner is not None] == []
         assert channel.messages == []
-        store.unstuck.set()
+        channel.unstuck.set()
         assert await runner.run_due() == 10
     assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
 
@@ -310,6 +310,37 @@ async def test_a_cold_wake_up_takes_its_lease_with_its_first_append(clock: Virtu
     assert sorted(store.claimed) == ids
     assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
     assert [row.lease_owner for row in await store.conversations()] == [None] * 6
+
+
+class CountsReads(MemoryStore):
+    """Records each read of logs: ``load`` one by one, ``load_logs`` the ids it was asked for together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[str] = []
+        self.read_together: list[list[str]] = []
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Any]:
+        self.loads.append(conversation_id)
+        return await super().load(conversation_id, after_seq)
+
+    async def load_logs(self, conversation_ids: list[str]) -> dict[str, list[Any]]:
+        self.read_together.append(list(conversation_ids))
+        return {conversation_id: list(self._events.get(conversation_id, [])) for conversation_id in conversation_ids}
+
+
+async def test_the_logs_of_conversations_woken_together_are_read_together(clock: VirtualClock) -> None:
+    store = CountsReads()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4) as runner:
+        ids = await start_sleepers(runner, 10)
+        store.loads.clear()
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 10
+    assert store.loads == []
+    assert sorted(cid for batch in store.read_together for cid in batch) == ids  # each read once
+    assert max(len(batch) for batch in store.read_together) == 4  # as many as are advanced at once
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
 
 
 class ReplyBeforeClaim(CountsClaims):

@@ -156,3 +156,17 @@ def test_rows_are_validated_at_once_or_one_by_one_with_the_same_result() -> None
         events_from_json("c1", [rows[0], (3, rows[1][1])])
     with pytest.raises(CorruptEventError, match=r"seq 2"):
         events_from_json("c1", [rows[0], (2, rows[1][1] + "," + rows[1][1])])
+
+
+async def test_logs_read_together_come_out_as_each_reads_alone_and_a_damaged_one_is_named(
+    logged: tuple[SQLiteStore, sqlite3.Connection],
+) -> None:
+    """``load_logs`` (run_due's read of the conversations it wakes together) gives what ``load`` gives each; a
+    damaged log is read again row by row, so the error names its bad seq as ``load`` does."""
+    store, database = logged
+    logs = await store.load_logs(["c1", "nobody"])
+    assert logs == {"c1": await store.load("c1"), "nobody": []}
+    set_body(database, 4, body(database, 5))
+    with pytest.raises(CorruptEventError) as failure:
+        await store.load_logs(["nobody", "c1"])
+    assert (failure.value.conversation_id, failure.value.seq) == ("c1", 4)
