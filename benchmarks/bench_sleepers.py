@@ -12,6 +12,11 @@ due query, the lease, loading and replaying the log, the appends, the hand-off. 
 process spent serving, per wake-up, is printed beside it: it says how many wake-ups per second one
 core can give, whatever else the machine is doing.
 
+A second run per configuration (``--no-burst`` skips it) moves the clock past every instant at once and
+calls ``run_due()`` once: its CPU time per wake-up is the cost of a wake-up alone, without ``serve()``'s
+passes (their queries, and wake-ups too few per pass to share a commit), so a change to the wake-up path
+shows there first.
+
 Memory is measured while every sleeper sleeps (before the first one is due), in the same process
 that started them and is serving them, against the same run with 0 sleepers: tracemalloc's current
 and peak (Python allocations since a warmed-up baseline, traced in a separate run so tracing does
@@ -161,7 +166,9 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.dir)
     url = store_url(args.store, folder, args.mongo_uri, f"n{args.n}-cache{args.cache_size}-trace{int(args.trace)}")
     store = await open_store(url)
-    result: dict[str, Any] = {"store": args.store, "n": args.n, "cache_size": args.cache_size, "trace": args.trace}
+    result: dict[str, Any] = {
+        "store": args.store, "n": args.n, "cache_size": args.cache_size, "trace": args.trace, "burst": args.burst,
+    }  # fmt: skip
     options: dict[str, Any] = {"cache_size": args.cache_size}
     if args.due_concurrency:
         options["due_concurrency"] = result["due_concurrency"] = int(args.due_concurrency)
@@ -200,6 +207,19 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
             result["rss_growth_mb"] = result["rss_mb"] - rss_before
             result["cached"] = len(runner._cache)
             if args.trace or args.n == 0:
+                return result
+            if args.burst:
+                # Every sleeper due at once, one run_due(): what a wake-up costs, whatever serve()'s passes do.
+                clock.offset = first_at + timedelta(seconds=args.spread + 1) - SystemClock().now()
+                commits_before = getattr(store, "commits", None)
+                gc.collect()
+                cpu_before, wall_before = time.process_time(), time.perf_counter()
+                result["woken"] = await runner.run_due()
+                result["burst_wall_s"] = time.perf_counter() - wall_before
+                result["cpu_ms_per_wake"] = (time.process_time() - cpu_before) * 1000 / max(1, result["woken"])
+                if commits_before is not None:
+                    result["commits_per_wake"] = (store.commits - commits_before) / max(1, result["woken"])
+                result["load_average"] = os.getloadavg()[0]
                 return result
             clock.offset = first_at - timedelta(seconds=args.margin) - SystemClock().now()
             commits_before = getattr(store, "commits", None)  # SQLite counts its transactions
@@ -252,7 +272,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         f"{'cpu ms/wake':>12}{'wakes/cpu s':>12}{'commits/wake':>13}{'load':>6}  verdict",
     ]
     for run in runs:
-        if run["trace"] or run["n"] == 0:
+        if run["trace"] or run["n"] == 0 or run.get("burst"):
             continue
         late = run.get("late_ms", {})
         if "error" in run:
@@ -273,6 +293,21 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
             f"{run.get('commits_per_wake', float('nan')):>13.3f}"
             f"{run.get('load_average', float('nan')):>6.1f}  {verdict}"
         )
+    bursts = [run for run in runs if run.get("burst")]
+    if bursts:
+        lines += [
+            "",
+            f"all {args.n} due at once, one run_due() (the cost of a wake-up, without serve()'s passes):",
+            f"{'store':<7}{'cache':>6}{'conc':>5}{'woken':>8}{'wall s':>8}{'cpu ms/wake':>12}{'wakes/cpu s':>12}"
+            f"{'commits/wake':>13}{'load':>6}",
+        ]
+        for run in bursts:
+            lines.append(
+                f"{run['store']:<7}{run['cache_size']:>6}{run.get('due_concurrency', 1):>5}{run.get('woken', 0):>8}"
+                f"{run.get('burst_wall_s', float('nan')):>8.2f}{run.get('cpu_ms_per_wake', float('nan')):>12.3f}"
+                f"{1000 / run.get('cpu_ms_per_wake', float('nan')):>12.0f}"
+                f"{run.get('commits_per_wake', float('nan')):>13.3f}{run.get('load_average', float('nan')):>6.1f}"
+            )
     lines += [
         "",
         "memory while they sleep (the process that started them and serves them), vs 0 sleepers:",
@@ -317,12 +352,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="Runner(due_concurrency=...) values to run, comma-separated, e.g. 1,64 (default: the runner's default)",
     )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the traced memory runs")
+    parser.add_argument("--no-burst", action="store_true", help="skip the all-due-at-once run_due() runs")
     parser.add_argument("--dir", default=None, help="where the SQLite files go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON after the table")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", default="sqlite", help=argparse.SUPPRESS)
     parser.add_argument("--cache-size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--burst", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -346,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
                     for size in args.due_concurrency.split(",")
                 ]
                 runs += timed
+                if not args.no_burst:
+                    runs.append(run_child([*common, "--n", str(args.n), "--burst"]))
                 if not args.no_memory:
                     runs.append(run_child([*common, "--n", "0", "--trace"]))
                     runs.append(run_child([*common, "--n", str(args.n), "--trace"]))

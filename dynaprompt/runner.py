@@ -19,6 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from itertools import islice
 from types import TracebackType
 from typing import Any
 
@@ -341,7 +342,7 @@ class Runner:
         await scheduling.fire_due(self, now)
         failure: Exception | None = None
         async with anyio.create_task_group() as group:
-            pool = _FirePool(group, self.due_concurrency, self._fire_alone)
+            pool = _FirePool(group, self.due_concurrency, self._fire_alone, self._logs_of)
             try:
                 await self._queue_due(pool, now)
             except Exception as exc:  # the store failed us: what was handed out still finishes, then it is raised
@@ -368,10 +369,10 @@ class Runner:
             if len(found) < limit:
                 return  # that was everything due at ``now``
 
-    async def _fire_alone(self, conversation_id: str, action: str) -> None:
+    async def _fire_alone(self, conversation_id: str, action: str, events: list[Event] | None) -> None:
         """``_fire`` one conversation of a ``run_due`` pass; its failure is its own (logged)."""
         try:
-            await self._fire(conversation_id)
+            await self._fire(conversation_id, events)
         except NondeterminismError as exc:
             log.error("parked: %s", exc)
         except Exception:
@@ -564,7 +565,20 @@ class Runner:
         self._changed.set()
         return True
 
-    async def _fire(self, conversation_id: str) -> None:
+    async def _logs_of(self, conversation_ids: list[str]) -> dict[str, list[Event]]:
+        """For ``run_due``: the logs of those of these conversations not warm in the cache, read in one go; ``{}``
+        if that read fails (each then reads its own log, so an unreadable one fails its own conversation only)."""
+        cold = [conversation_id for conversation_id in conversation_ids if conversation_id not in self._cache]
+        if not cold:
+            return {}
+        try:
+            return await self.store.load_logs(cold)
+        except Exception:
+            log.debug("could not read %d logs together; each is read alone", len(cold), exc_info=True)
+            return {}
+
+    async def _fire(self, conversation_id: str, events: list[Event] | None = None) -> None:
+        """Advance a due conversation as far as it goes; ``events``: its whole log, if already read."""
         async with self._lock(conversation_id):
             now = self.clock.now()
             cached = self._cache.pop(conversation_id, None)
@@ -575,6 +589,20 @@ class Runner:
                     return
                 except ConflictError:
                     now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
+            else:
+                # Cold: replay the log read without the lease, and let the first append take the lease if the
+                # row still ends where that log does (see Claim): no separate claim, one write a wake-up fewer.
+                # Parked, flagged or held by a live runner, or moved meanwhile: nothing is written, and the
+                # claim-first path below takes over.
+                execution = (
+                    await self._replayed(conversation_id) if events is None else _rebuilt(conversation_id, events)
+                )
+                if execution is not None:
+                    try:
+                        await self._advance_and_release(conversation_id, execution, claim=self._claim(execution, now))
+                        return
+                    except ConflictError:
+                        now = self.clock.now()
             try:
                 # Due work usually has a free lease: claim it at once, read the row only when that fails (a dead
                 # holder's lease may then be taken over). One statement per wake-up instead of two.
@@ -641,24 +669,15 @@ class Runner:
                     cached.extend(await self.store.load(row.id, cached.last_seq))
                 return cached
             await cached.close()
-        events = await self.store.load(row.id)
-        # The latest run's start: where the row says (a log numbered from 1 holds seq n at n - 1), else looked
-        # for from the end.
-        start_at: int | None = row.run_seq - 1
-        if not (
-            start_at is not None
-            and 0 <= start_at < len(events)
-            and events[start_at].kind == "started"
-            and events[start_at].seq == row.run_seq
-        ):
-            start_at = next((i for i in range(len(events) - 1, -1, -1) if events[i].kind == "started"), None)
-        if start_at is None:
+        execution = _rebuilt(row.id, await self.store.load(row.id), row.run_seq)
+        if execution is None:
             raise UnknownConversationError(row.id)
-        started = events[start_at]
-        assert isinstance(started, Started)
-        execution = Execution.begin(row.id, lookup(started.dialog), started, events[:start_at])
-        execution.extend(events[start_at + 1 :])
         return execution
+
+    async def _replayed(self, conversation_id: str) -> Execution | None:
+        """The latest run of the conversation replayed from its whole log, read without a lease (a claim made
+        from it checks that the row still ends where this log does); None if it has no log."""
+        return _rebuilt(conversation_id, await self.store.load(conversation_id))
 
     async def _advance_and_release(
         self,
@@ -917,13 +936,23 @@ class _FirePool:
     them; each takes the next conversation as soon as it is done with one (a slow one holds up only itself).
     """
 
-    __slots__ = ("_fire", "_group", "_queue", "_size", "_taken", "_workers", "seen")
+    __slots__ = ("_fire", "_group", "_load", "_loading", "_logs", "_queue", "_size", "_taken", "_workers", "seen")
 
-    def __init__(self, group: anyio.abc.TaskGroup, size: int, fire: Callable[[str, str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        group: anyio.abc.TaskGroup,
+        size: int,
+        fire: Callable[[str, str, list[Event] | None], Awaitable[None]],
+        load: Callable[[list[str]], Awaitable[dict[str, list[Event]]]],
+    ) -> None:
         self._group = group
         self._size = size
-        self._fire = fire  # (conversation id, what to call the work in a log line); never raises
+        # (conversation id, what to call the work in a log line, its log if read already); never raises
+        self._fire = fire
+        self._load = load  # the logs of these conversations, read together (those it leaves out are read alone)
         self._queue: deque[tuple[str, str]] = deque()
+        self._logs: dict[str, list[Event]] = {}  # read together, not yet taken by a worker
+        self._loading: dict[str, anyio.Event] = {}  # being read together: set when that read is over
         self._workers = 0
         self._taken: anyio.Event | None = None
         self.seen: set[str] = set()
@@ -951,9 +980,34 @@ class _FirePool:
                 if not self._queue and self._taken is not None:
                     self._taken.set()
                     self._taken = None
-                await self._fire(conversation_id, action)
+                await self._fire(conversation_id, action, await self._log_of(conversation_id))
         finally:
             self._workers -= 1
+
+    async def _log_of(self, conversation_id: str) -> list[Event] | None:
+        """The conversation's log if it was read with others, else None (its fire reads it). A worker that finds
+        its conversation's log unread reads it together with those of the next ``size - 1`` queued ones not read
+        yet: one read for the conversations woken together instead of one each."""
+        loading = self._loading.get(conversation_id)
+        if loading is not None:
+            await loading.wait()
+        elif conversation_id not in self._logs:
+            batch = [conversation_id]
+            batch += [
+                queued
+                for queued, _ in islice(self._queue, self._size - 1)
+                if queued not in self._logs and queued not in self._loading
+            ]
+            done = anyio.Event()
+            for queued in batch:
+                self._loading[queued] = done
+            try:
+                self._logs.update(await self._load(batch))
+            finally:
+                for queued in batch:
+                    del self._loading[queued]
+                done.set()
+        return self._logs.pop(conversation_id, None)
 
 
 class _ConversationLock:
@@ -1002,6 +1056,27 @@ def _default_cache_size() -> int:
         return int(text)
     except ValueError:
         raise DynapromptError(f"DYNAPROMPT_CACHE_SIZE must be a whole number, not {text!r}") from None
+
+
+def _rebuilt(conversation_id: str, events: list[Event], run_seq: int | None = None) -> Execution | None:
+    """The execution of the latest run in ``events`` (a whole log), caught up to its end; None if it has no run."""
+    # The latest run's start: where the row says (a log numbered from 1 holds seq n at n - 1), else looked for
+    # from the end.
+    start_at: int | None = None if run_seq is None else run_seq - 1
+    if not (
+        start_at is not None
+        and 0 <= start_at < len(events)
+        and events[start_at].kind == "started"
+        and events[start_at].seq == run_seq
+    ):
+        start_at = next((i for i in range(len(events) - 1, -1, -1) if events[i].kind == "started"), None)
+    if start_at is None:
+        return None
+    started = events[start_at]
+    assert isinstance(started, Started)
+    execution = Execution.begin(conversation_id, lookup(started.dialog), started, events[:start_at])
+    execution.extend(events[start_at + 1 :])
+    return execution
 
 
 def _seconds(value: timedelta | float) -> timedelta:

@@ -25,8 +25,11 @@ def test_the_sleepers_benchmark_wakes_every_sleeper_and_prints_its_table(tmp_pat
     assert "dynaprompt sleepers: 20 conversations asleep" in table
     assert "p50 ms" in table
     assert "memory while they sleep" in table
+    assert "due at once, one run_due()" in table
     runs = json.loads("[" + raw)
-    [timed] = [run for run in runs if not run["trace"] and run["n"] == 20]
+    [timed] = [run for run in runs if not run["trace"] and not run["burst"] and run["n"] == 20]
+    [burst] = [run for run in runs if run["burst"]]
+    assert burst["woken"] == 20
     assert "error" not in timed
     assert timed["woken"] == 20
     assert timed["early"] == 0  # no sleeper was woken before the instant it asked for

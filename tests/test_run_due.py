@@ -25,6 +25,7 @@ from dynaprompt import (
     wait_for_reply,
 )
 from dynaprompt.errors import InvalidInputError, StoreUnavailableError
+from dynaprompt.events import ReplyReceived
 from dynaprompt.stores.base import ConversationRow, RowUpdate
 from dynaprompt.stores.memory import MemoryStore
 from dynaprompt.testing import VirtualClock
@@ -121,8 +122,8 @@ async def test_the_writes_of_conversations_woken_together_share_sqlite_transacti
             assert await runner.run_due() == 40
             commits = store.commits - before  # type: ignore[attr-defined]
         assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
-        # One at a time, each wake-up commits three times (claim, the message, its hand-off): 120 in all.
-        assert commits <= 40 // 8 * 3 + 3
+        # One at a time, each wake-up commits twice (the message, with its claim; its hand-off): 80 in all.
+        assert commits <= 40 // 8 * 2 + 3
     finally:
         await store.close()
 
@@ -188,8 +189,9 @@ async def test_one_failing_conversation_does_not_stop_the_others_woken_with_it(
     assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
 
 
-class StuckInLoad(NetworkLikeStore):
-    """Every load waits until ``unstuck`` is set; ``stuck`` counts the conversations waiting there."""
+class StuckInHandOff(ListChannel):
+    """Every hand-off waits until ``unstuck`` is set (by then the conversation's message is durable and its lease
+    held); ``stuck`` counts the conversations waiting there."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -198,31 +200,30 @@ class StuckInLoad(NetworkLikeStore):
         self.expected = 0
         self.unstuck = anyio.Event()
 
-    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Any]:
+    async def deliver(self, message: Message) -> None:
         if not self.unstuck.is_set():
             self.stuck += 1
             if self.stuck == self.expected:
                 self.all_stuck.set()
             await self.unstuck.wait()
-        return await super().load(conversation_id, after_seq)
+        await super().deliver(message)
 
 
 async def test_cancelling_run_due_releases_every_lease_it_holds(clock: VirtualClock) -> None:
-    store = StuckInLoad()
-    channel = ListChannel()
+    store = NetworkLikeStore()
+    channel = StuckInHandOff()
     async with Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4, lease_seconds=3600) as runner:
-        store.unstuck.set()
         ids = await start_sleepers(runner, 10)
-        store.unstuck = anyio.Event()
-        store.expected = 4
+        channel.expected = 4
         clock.advance(timedelta(hours=2))
         async with anyio.create_task_group() as group:
             group.start_soon(runner.run_due)
-            await store.all_stuck.wait()  # four conversations claimed and being advanced
+            await channel.all_stuck.wait()  # four conversations claimed and being advanced
+            assert len([row for row in await store.conversations() if row.lease_owner is not None]) == 4
             group.cancel_scope.cancel()
         assert [row.id for row in await store.conversations() if row.lease_owner is not None] == []
         assert channel.messages == []
-        store.unstuck.set()
+        channel.unstuck.set()
         assert await runner.run_due() == 10
     assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
 
@@ -270,6 +271,117 @@ async def test_a_claim_that_committed_as_its_fire_was_cancelled_is_released(cloc
     row = await store.get("s000")
     assert row is not None
     assert row.lease_owner is None  # not left for an hour
+
+
+class CountsClaims(MemoryStore):
+    """Counts lease claims made on their own (``acquire``) and those made with an append."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acquired: list[str] = []
+        self.claimed: list[str] = []
+
+    async def acquire(
+        self, conversation_id: str, owner: str, until: datetime, now: datetime, *, steal_from: str | None = None
+    ) -> ConversationRow | None:
+        self.acquired.append(conversation_id)
+        return await super().acquire(conversation_id, owner, until, now, steal_from=steal_from)
+
+    async def append(
+        self, conversation_id: str, events: list[Any], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        if update.claim is not None:
+            self.claimed.append(conversation_id)
+        return await super().append(conversation_id, events, update, now)
+
+
+async def test_a_cold_wake_up_takes_its_lease_with_its_first_append(clock: VirtualClock) -> None:
+    """Replayed from the log (no cache), a due conversation is claimed by the append of what it did, not by a
+    write of its own before: two writes a wake-up (that append, then the hand-off's), not three."""
+    store = CountsClaims()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4) as runner:
+        ids = await start_sleepers(runner, 6)
+        store.acquired.clear()
+        store.claimed.clear()
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 6
+    assert store.acquired == []
+    assert sorted(store.claimed) == ids
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+    assert [row.lease_owner for row in await store.conversations()] == [None] * 6
+
+
+class CountsReads(MemoryStore):
+    """Records each read of logs: ``load`` one by one, ``load_logs`` the ids it was asked for together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[str] = []
+        self.read_together: list[list[str]] = []
+
+    async def load(self, conversation_id: str, after_seq: int = 0) -> list[Any]:
+        self.loads.append(conversation_id)
+        return await super().load(conversation_id, after_seq)
+
+    async def load_logs(self, conversation_ids: list[str]) -> dict[str, list[Any]]:
+        self.read_together.append(list(conversation_ids))
+        return {conversation_id: list(self._events.get(conversation_id, [])) for conversation_id in conversation_ids}
+
+
+async def test_the_logs_of_conversations_woken_together_are_read_together(clock: VirtualClock) -> None:
+    store = CountsReads()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4) as runner:
+        ids = await start_sleepers(runner, 10)
+        store.loads.clear()
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 10
+    assert store.loads == []
+    assert sorted(cid for batch in store.read_together for cid in batch) == ids  # each read once
+    assert max(len(batch) for batch in store.read_together) == 4  # as many as are advanced at once
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+
+
+class ReplyBeforeClaim(CountsClaims):
+    """Before the first claiming append of ``target``, another runner makes a reply durable (as ``deliver`` does
+    while it cannot take the lease): the log the claim was made from is stale by then."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target: str | None = target
+
+    async def append(
+        self, conversation_id: str, events: list[Any], update: RowUpdate, now: datetime
+    ) -> ConversationRow:
+        if update.claim is not None and conversation_id == self.target:
+            self.target = None
+            row = await self.get(conversation_id)
+            assert row is not None
+            reply = ReplyReceived(seq=row.last_seq + 1, at=now, text="meanwhile")
+            await super().append(conversation_id, [reply], RowUpdate(needs_advance=True), now)
+        return await super().append(conversation_id, events, update, now)
+
+
+async def test_a_cold_wake_up_whose_log_moved_before_its_claim_writes_nothing_and_goes_on_leased(
+    clock: VirtualClock,
+) -> None:
+    store = ReplyBeforeClaim("s001")
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0) as runner:
+        ids = await start_sleepers(runner, 3)
+        store.acquired.clear()
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 3
+    assert store.acquired == ["s001"]  # refused claim: the claim-first path took over
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+    kinds = [event.kind for event in await store.load("s001")]
+    assert kinds.count("reply") == 1
+    assert kinds.count("sent") == 1
+    assert kinds.count("timer_fired") == 1
+    row = await store.get("s001")
+    assert row is not None
+    assert (row.state, row.lease_owner, row.needs_advance) == ("completed", None, False)
 
 
 def test_due_concurrency_must_be_at_least_one() -> None:

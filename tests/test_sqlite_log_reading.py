@@ -212,3 +212,17 @@ async def test_a_log_written_with_every_field_still_loads_and_resumes(
     assert [message.text for message in channel.messages] == ["echo three"]
     assert transcript[-2:] == [("in", "three"), ("out", "echo three")]
     assert body(database, 11).startswith('{"kind":"reply",')  # what is appended now is the new format
+
+
+async def test_logs_read_together_come_out_as_each_reads_alone_and_a_damaged_one_is_named(
+    logged: tuple[SQLiteStore, sqlite3.Connection],
+) -> None:
+    """``load_logs`` (run_due's read of the conversations it wakes together) gives what ``load`` gives each; a
+    damaged log is read again row by row, so the error names its bad seq as ``load`` does."""
+    store, database = logged
+    logs = await store.load_logs(["c1", "nobody"])
+    assert logs == {"c1": await store.load("c1"), "nobody": []}
+    set_body(database, 4, body(database, 5))
+    with pytest.raises(CorruptEventError) as failure:
+        await store.load_logs(["nobody", "c1"])
+    assert (failure.value.conversation_id, failure.value.seq) == ("c1", 4)

@@ -216,6 +216,14 @@ class IgnoresClaims(MemoryStore):
         return row
 
 
+class MixesUpLogs(MemoryStore):
+    """Reads logs together, but hands each conversation the log of the one asked for first."""
+
+    async def load_logs(self, conversation_ids: list[str]) -> dict[str, list[Event]]:
+        first = await self.load(conversation_ids[0]) if conversation_ids else []
+        return dict.fromkeys(conversation_ids, first)
+
+
 class CreatesOverExisting(MemoryStore):
     """Replaces a conversation that exists instead of refusing the id."""
 
@@ -238,6 +246,7 @@ class CreatesOverExisting(MemoryStore):
         (ForgetsClear, "RowUpdate.clear"),
         (CreatesOverExisting, "create() of an id that exists"),
         (IgnoresClaims, "append(claim) while another owner's lease is live"),
+        (MixesUpLogs, "load_logs() of a conversation read with others"),
     ],
 )
 async def test_check_store_fails_a_broken_store(broken: type[MemoryStore], message: str) -> None:

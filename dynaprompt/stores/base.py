@@ -175,6 +175,11 @@ class Store(Protocol):
     async def load(self, conversation_id: str, after_seq: int = 0) -> list[Event]:
         """The conversation's events with ``seq > after_seq``, in order, validated."""
 
+    async def load_logs(self, conversation_ids: list[str]) -> dict[str, list[Event]]:
+        """The whole log of each of these conversations, as ``load(id)`` gives it, read together where the store
+        can (``run_due`` reads the logs of the conversations it wakes together in one go); an id without a log
+        maps to ``[]``. A log that cannot be read fails the whole call, as ``load`` would fail for it."""
+
     async def create(self, row: ConversationRow, events: list[Event]) -> None:
         """Insert a new conversation's row and first events; ``ConflictError`` if the id exists."""
 

@@ -28,6 +28,9 @@ class MemoryStore:
         events = self._events.get(conversation_id, [])
         return events[after_seq:]
 
+    async def load_logs(self, conversation_ids: list[str]) -> dict[str, list[Event]]:
+        return {conversation_id: await self.load(conversation_id) for conversation_id in conversation_ids}
+
     async def create(self, row: ConversationRow, events: list[Event]) -> None:
         if row.id in self._rows:
             raise ConflictError(row.id, events[0].seq if events else 1)

@@ -311,6 +311,22 @@ class MongoStore:
         )
         return [_event(conversation_id, doc) for doc in docs]
 
+    async def load_logs(self, conversation_ids: list[str]) -> dict[str, list[Event]]:
+        """One query for every log, on the (conversation_id, seq) index."""
+        docs: list[Document] = await self._retry(
+            "load_logs",
+            lambda: (
+                self._events.find({"conversation_id": {"$in": conversation_ids}}, {"_id": 0})
+                .sort([("conversation_id", ASCENDING), ("seq", ASCENDING)])
+                .to_list(None)
+            ),
+        )
+        logs: dict[str, list[Event]] = {conversation_id: [] for conversation_id in conversation_ids}
+        for doc in docs:
+            conversation_id = doc["conversation_id"]
+            logs[conversation_id].append(_event(conversation_id, doc))
+        return logs
+
     async def create(self, row: ConversationRow, events: list[Event]) -> None:
         # Events first: a crash before the row is written leaves a log that get() rebuilds a row from;
         # the other order would leave a row with no log, which nothing could repair.

@@ -220,6 +220,12 @@ async def _round_trip(store: Store) -> None:
     check.events(await store.load(row.id), events, "load() of one conversation after another was created")
     check.events(await store.load("c2"), [_started(), _sent(2, "for c2 only")], "load() of the second conversation")
     check.equal(sorted(r.id for r in await store.conversations()), sorted([row.id, "c2"]), "ids of conversations()")
+    logs = await store.load_logs(["c2", "nobody", row.id])
+    check.equal(sorted(logs), sorted(["c2", "nobody", row.id]), "the ids of load_logs() (one entry for each id asked)")
+    check.events(logs[row.id], events, "load_logs() of a conversation read with others")
+    check.events(logs["c2"], [_started(), _sent(2, "for c2 only")], "load_logs() of the other conversation")
+    check.equal(logs["nobody"], [], "load_logs() of an unknown id")
+    check.equal(await store.load_logs([]), {}, "load_logs() of no ids")
 
     await check.conflict(
         store.create(_row(row.id, dialog="m:other"), [_started()]), row.id, "create() of an id that exists"
@@ -576,6 +582,7 @@ async def check_store(make_store: StoreFactory) -> None:
 
     * every event kind survives ``create``/``load`` as a validated event of the
       same kind and value; ``get`` returns the row as written; ``load(after_seq)``;
+      ``load_logs`` gives each conversation's whole log, ``[]`` for an unknown id;
     * ``append`` writes its events and applies the ``RowUpdate`` (set fields,
       ``clear``, ``last_seq``, ``updated_at``) without touching the lease;
     * a taken sequence number raises ``ConflictError`` and writes nothing (no
