@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_mongo.py"
 TINY = ["--n", "3", "--k", "2", "--raw", "6", "--raw-turns", "2", "--rounds", "1", "--log-sizes", "40"]
-TINY += ["--repeats", "1", "--count-n", "2", "--count-k", "2"]
+TINY += ["--repeats", "1", "--count-n", "2", "--count-k", "2", "--passes", "1"]
 
 
 @pytest.mark.slow
