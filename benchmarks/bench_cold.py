@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_core import CountingChannel, chat
+from bench_core import CountingChannel, grow_log
 
 from dynaprompt import Runner, open_store
 
@@ -36,13 +36,7 @@ from dynaprompt import Runner, open_store
 async def build(url: str, cid: str, size: int) -> None:
     store = await open_store(url)
     async with Runner(store, CountingChannel()) as builder:
-        await builder.start(chat, cid)
-        row = await store.get(cid)
-        assert row is not None
-        while row.last_seq < size - 6:
-            await builder.deliver(cid, "more")
-            row = await store.get(cid)
-            assert row is not None
+        await grow_log(builder, store, cid, size)
     await store.close()
 
 
@@ -118,11 +112,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 async def build_on(store: Any, cid: str, size: int) -> None:
     async with Runner(store, CountingChannel()) as builder:
-        await builder.start(chat, cid)
-        row = await store.get(cid)
-        while row.last_seq < size - 6:
-            await builder.deliver(cid, "more")
-            row = await store.get(cid)
+        await grow_log(builder, store, cid, size)
 
 
 async def measure_memory(store: Any, cid: str, repeats: int) -> dict[str, float]:

@@ -131,6 +131,17 @@ async def start_all(runner: Runner, ids: list[str]) -> float:
     return time.perf_counter() - began
 
 
+async def grow_log(builder: Runner, store: Store, cid: str, size: int) -> None:
+    """Start ``chat`` as ``cid`` and deliver replies until its log holds about ``size`` events (6 a turn)."""
+    await builder.start(chat, cid)
+    row = await store.get(cid)
+    assert row is not None
+    while row.last_seq < size - 6:
+        await builder.deliver(cid, "more")
+        row = await store.get(cid)
+        assert row is not None
+
+
 def rss_mb() -> float:
     """Peak resident set size of this process so far, in MB (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -293,14 +304,7 @@ class Leg:
         store = await open_store(url)
         async with Runner(store, CountingChannel()) as builder:
             for size in sizes:
-                cid = f"log{size}"
-                await builder.start(chat, cid)
-                row = await store.get(cid)
-                assert row is not None
-                while row.last_seq < size - 6:
-                    await builder.deliver(cid, "more")
-                    row = await store.get(cid)
-                    assert row is not None
+                await grow_log(builder, store, f"log{size}", size)
         times: dict[int, list[float]] = {size: [] for size in sizes}
         cpu_times: dict[int, list[float]] = {size: [] for size in sizes}
         for _ in range(repeats):

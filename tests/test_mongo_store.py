@@ -50,6 +50,15 @@ async def store(mongodb_url: str) -> AsyncIterator[MongoStore]:
     await opened.close()
 
 
+async def row_seen_afresh(store: MongoStore, conversation_id: str) -> ConversationRow | None:
+    """The conversation's row as another process reads it: through a new store on the same database."""
+    fresh = await open_store(store.url)
+    try:
+        return await fresh.get(conversation_id)
+    finally:
+        await fresh.close()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -191,11 +200,7 @@ async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoS
     assert stored is not None
     assert (status.state, status.last_seq) == ("waiting_for_reply", stored["last_seq"])
     assert (stored["lease_owner"], stored["lease_until"], stored["needs_advance"]) == (None, None, False)
-    fresh = await open_store(store.url)  # what another process reads equals what this store returned
-    try:
-        assert await fresh.get("ann") == store._seen["ann"]
-    finally:
-        await fresh.close()
+    assert await row_seen_afresh(store, "ann") == store._seen["ann"]  # what another process reads: the same
 
 
 class HoldingChannel:
@@ -223,11 +228,7 @@ async def test_a_row_read_during_the_hand_off_shows_the_events_and_ends_right(
     seen: list[ConversationRow | None] = []
 
     async def look() -> None:
-        fresh = await open_store(store.url)
-        try:
-            seen.append(await fresh.get("ann"))
-        finally:
-            await fresh.close()
+        seen.append(await row_seen_afresh(store, "ann"))
 
     async with Runner(store, clock=clock, cache_size=16) as runner:
         await runner.start(counter, "ann")
@@ -239,11 +240,7 @@ async def test_a_row_read_during_the_hand_off_shows_the_events_and_ends_right(
     during = seen[0]
     assert during is not None
     assert (during.last_seq, during.needs_advance, during.lease_owner) == (top["seq"] - 1, True, runner.owner)
-    fresh = await open_store(store.url)
-    try:
-        after = await fresh.get("ann")
-    finally:
-        await fresh.close()
+    after = await row_seen_afresh(store, "ann")
     assert after is not None
     assert (after.state, after.last_seq, after.needs_advance, after.lease_owner) == (
         "waiting_for_reply", top["seq"], False, None,
@@ -263,11 +260,7 @@ async def test_a_refused_hand_off_still_writes_the_row_before_the_lease_goes(
     top = await store.database["events"].find_one({"conversation_id": "ann"}, sort=[("seq", -1)])
     assert top is not None
     assert top["kind"] == "waiting"
-    fresh = await open_store(store.url)
-    try:
-        after = await fresh.get("ann")
-    finally:
-        await fresh.close()
+    after = await row_seen_afresh(store, "ann")
     assert after is not None
     assert (status.last_seq, after.last_seq, after.needs_advance, after.lease_owner) == (
         top["seq"], top["seq"], False, None,
