@@ -119,7 +119,11 @@ class UnknownDialogError(DynapromptError, LookupError):
 
 
 class InvalidInputError(DynapromptError, ValueError):
-    """Input the library refuses; nothing is stored."""
+    """Input the library refuses; nothing is stored.
+
+    An effect built with a value of the wrong kind (``send("hi", to=5)``, ``sleep([1])``) raises it in the
+    dialog's own code, where the effect is built, naming the effect and the argument: the dialog may catch
+    it; if it does not, its conversation fails with it, and only that conversation."""
 
 
 class NotTextError(InvalidInputError, TypeError):

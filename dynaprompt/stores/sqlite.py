@@ -580,16 +580,26 @@ class SQLiteStore:
         return changed == 1
 
     async def due(self, now: datetime, limit: int) -> list[str]:
+        # Two reads, each through its own index, instead of one UNION sorted whole: the conversations that need
+        # attention (a flagged reply, a lease, live or expired: few), then the due ones in wake_at order, read
+        # along the index and stopped at ``limit``. The UNION sorted every due row on every call, so a runner
+        # behind a backlog of 10,000 spent 30 to 100 ms a call, and more the further behind it fell.
         stamp = _ts(now)
-        rows = self._fetchall(
-            "SELECT id FROM ("
-            " SELECT id, wake_at AS at, lease_owner, lease_until FROM conversations WHERE wake_at <= ?"
-            " UNION SELECT id, 0 AS at, lease_owner, lease_until FROM conversations"
-            "  WHERE needs_advance = 1 OR lease_owner IS NOT NULL"
-            ") WHERE lease_owner IS NULL OR lease_until <= ? GROUP BY id ORDER BY MIN(at) LIMIT ?",
-            (stamp, stamp, limit),
+        flagged = self._fetchall(
+            "SELECT id FROM conversations WHERE (needs_advance = 1 OR lease_owner IS NOT NULL)"
+            " AND (lease_owner IS NULL OR lease_until <= ?) LIMIT ?",
+            (stamp, limit),
         )
-        return [row[0] for row in rows]
+        ids = [row[0] for row in flagged]
+        if len(ids) < limit:
+            taken = set(ids)
+            timed = self._fetchall(
+                "SELECT id FROM conversations WHERE wake_at <= ? AND (lease_owner IS NULL OR lease_until <= ?)"
+                " ORDER BY wake_at LIMIT ?",
+                (stamp, stamp, limit),
+            )
+            ids += [row[0] for row in timed if row[0] not in taken][: limit - len(ids)]
+        return ids
 
     async def next_wake_at(self, *, after: datetime | None = None) -> datetime | None:
         # NULL compares as nothing, so "> NULL" would match no row: no ``after`` is the start of time.
