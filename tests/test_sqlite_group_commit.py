@@ -8,6 +8,7 @@ these tests add what only SQLite promises: how many transactions ran, that a bat
 from __future__ import annotations
 
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,30 @@ async def test_a_lock_held_past_busy_timeout_is_store_unavailable_and_writes_not
     await store.append("c1", [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)  # and it recovers
     assert [e.seq for e in await store.load("c1")] == [1, 2]
     await store.close()
+
+
+async def test_checkpoints_run_in_a_thread_of_their_own_not_inside_a_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's automatic checkpoint runs inside a commit, on the event loop, and stalls every conversation;
+    the store checkpoints in a thread instead, and keeps the automatic one only as a far backstop."""
+    ran_in: list[str] = []
+    checkpoint = SQLiteStore._checkpoint
+
+    def recording(self: SQLiteStore) -> None:
+        ran_in.append(threading.current_thread().name)
+        checkpoint(self)
+
+    monkeypatch.setattr(SQLiteStore, "_checkpoint", recording)
+    monkeypatch.setattr(SQLiteStore, "CHECKPOINT_EVERY", 0.0)
+    store = await _sqlite(tmp_path)
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (50000,)
+    await store.create(_row("a"), [Started(seq=1, at=T0, dialog="m:bot")])
+    for seq in range(2, 12):
+        await store.append("a", [Sent(seq=seq, at=T0, text=f"m{seq}")], RowUpdate(), T0)
+    await store.close()  # joins a checkpoint still running
+    assert ran_in
+    assert set(ran_in) == {"dynaprompt-sqlite-checkpoint"}
+    reopened = await _sqlite(tmp_path)
+    assert [event.seq for event in await reopened.load("a")] == list(range(1, 12))
+    await reopened.close()

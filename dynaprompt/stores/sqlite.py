@@ -17,9 +17,10 @@ batching (no savepoint; a lease update autocommits on its own), and on
 asyncio it skips the trip through the loop too when no other task is ready to
 run (nobody could join it), so a lone writer pays nothing for the batching.
 
-Checkpoints run every 10,000 WAL pages (SQLite's default is 1,000), and the
-page cache is 16 MiB: fewer syncs of the database file on a busy runner, at
-the price of a WAL file of up to about 40 MB beside the database.
+Checkpoints (copying the WAL into the database file and syncing it) run in a
+thread of their own, on a second connection, at most every quarter second
+while writes go on, so the event loop never waits for one; SQLite's automatic
+checkpoint stays as a backstop at 50,000 WAL pages. The page cache is 16 MiB.
 
 Durability: with ``synchronous=NORMAL`` (the default) a committed write
 survives the process being killed, and may be lost with the last commits on
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -252,10 +255,12 @@ class SQLiteStore:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
-            # Checkpoint the WAL into the database every 10,000 pages (about 40 MB) instead of 1,000: a
-            # checkpoint syncs the database file, and a page rewritten many times meanwhile is copied once.
-            # The WAL file keeps that size on disk once it has grown to it.
-            self._db.execute("PRAGMA wal_autocheckpoint=10000")
+            # Checkpoints (copying the WAL into the database file, then syncing it) run in a thread of their
+            # own, on a connection of their own, every CHECKPOINT_EVERY seconds at most while writes go on
+            # (see _committed): SQLite's automatic checkpoint runs inside a commit, on the event loop, and
+            # stalls every conversation for up to a hundred milliseconds. The automatic one stays on, at
+            # 50,000 pages (about 200 MB of WAL), as a backstop should the thread fall behind.
+            self._db.execute("PRAGMA wal_autocheckpoint=50000")
             self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache (default 2 MiB)
             self._db.executescript(_SCHEMA)
             # From here on a locked database is waited for on the event loop, not inside SQLite (whose busy
@@ -265,6 +270,33 @@ class SQLiteStore:
             raise StoreUnavailableError(url, str(exc)) from exc
         self._batch: _Batch | None = None
         self.commits = 0  # transactions committed by this object (benchmarks/bench_core.py reports them)
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_db: sqlite3.Connection | None = None
+        self._checkpoint_at = time.monotonic() + self.CHECKPOINT_EVERY
+
+    CHECKPOINT_EVERY = 0.25  # seconds: while writes go on, at most this long between two checkpoints
+
+    def _committed(self) -> None:
+        """Count a commit, and start a checkpoint in a thread if the last began ``CHECKPOINT_EVERY`` ago (time,
+        not commits: a group commit holds many writes) and none still runs."""
+        self.commits += 1
+        now = time.monotonic()
+        if now < self._checkpoint_at or self.path == ":memory:":
+            return
+        self._checkpoint_at = now + self.CHECKPOINT_EVERY
+        if self._checkpointer is None or not self._checkpointer.is_alive():
+            self._checkpointer = threading.Thread(target=self._checkpoint, name="dynaprompt-sqlite-checkpoint")
+            self._checkpointer.start()
+
+    def _checkpoint(self) -> None:
+        """A PASSIVE checkpoint on the checkpoint connection (it waits for no reader or writer: what it cannot
+        copy now, the next one does). SQLite releases the GIL meanwhile, so the event loop runs on."""
+        try:
+            if self._checkpoint_db is None:
+                self._checkpoint_db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # the automatic checkpoint is the backstop; the next try may succeed
+            logging.getLogger(__name__).warning("WAL checkpoint of %s failed: %s", self.url, exc)
 
     def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailableError:
         error = StoreUnavailableError(self.url, str(exc))
@@ -397,7 +429,7 @@ class SQLiteStore:
         try:
             if write.single:  # one statement autocommits
                 if self._run_one(write):
-                    self.commits += 1
+                    self._committed()
                 return
             self._transaction(lambda: self._run_one(write), log=write.log)
         except sqlite3.Error as exc:
@@ -420,7 +452,7 @@ class SQLiteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        self.commits += 1
+        self._committed()
 
     def _failed(self, write: _Write, exc: sqlite3.Error) -> None:
         """Settle a write whose transaction failed as a whole: to be tried again if another connection held
@@ -705,6 +737,10 @@ class SQLiteStore:
         return [self._row(found) for found in rows]
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+        if self._checkpoint_db is not None:
+            self._checkpoint_db.close()
         self._db.close()
 
     def _params(self, row: ConversationRow, last_seq: int) -> tuple[object, ...]:
