@@ -4,11 +4,11 @@ baseline), so it cannot rot; its figures are not judged here."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import run_benchmark
 
 ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_mongo.py"
@@ -18,15 +18,8 @@ TINY += ["--repeats", "1", "--count-n", "2", "--count-k", "2", "--passes", "1"]
 
 @pytest.mark.slow
 def test_mongo_benchmark_prints_every_figure(mongodb_uri: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *TINY, "--uri", mongodb_uri, "--baseline", str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    table, _, raw = done.stdout.partition("\n{")
+    printed = run_benchmark(SCRIPT, *TINY, "--uri", mongodb_uri, "--baseline", str(ROOT), timeout=600)
+    table, _, raw = printed.partition("\n{")
     for label in (
         "what a write costs",
         "insert_one j=true (store's)",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import run_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -15,13 +15,11 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sleepers.
 
 
 def test_the_sleepers_benchmark_wakes_every_sleeper_and_prints_its_table(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--n", "20", "--spread", "0.2", "--margin", "1", "--timeout", "30",
-         "--cache", "0", "--dir", str(tmp_path), "--json"],
-        capture_output=True, text=True, timeout=300, check=False,
+    printed = run_benchmark(
+        BENCH, "--n", "20", "--spread", "0.2", "--margin", "1", "--timeout", "30", "--cache", "0",
+        "--dir", str(tmp_path), "--json",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    table, _, raw = done.stdout.partition("\n[")
+    table, _, raw = printed.partition("\n[")
     assert "dynaprompt sleepers: 20 conversations asleep" in table
     assert "p50 ms" in table
     assert "memory while they sleep" in table

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import run_benchmark
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "bench_core.py"
 TINY = ["--n", "4", "--k", "2", "--full-n", "2", "--live", "3", "--idle", "30", "--log-sizes", "40,80"]
@@ -16,15 +16,7 @@ TINY += ["--repeats", "1", "--raw-seconds", "0.05"]
 
 @pytest.mark.slow
 def test_benchmark_prints_every_figure_for_both_stores(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *TINY, "--dir", str(tmp_path), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    table, _, raw = done.stdout.partition("\n{")
+    table, _, raw = run_benchmark(SCRIPT, *TINY, "--dir", str(tmp_path), "--json").partition("\n{")
     for label in (
         "turns per second",
         "turns per CPU-second",
@@ -56,18 +48,10 @@ def test_benchmark_prints_every_figure_for_both_stores(tmp_path: Path) -> None:
 def test_cold_resume_benchmark_prints_its_stages_and_compares_trees(tmp_path: Path) -> None:
     script = SCRIPT.parent / "bench_cold.py"
     tiny = ["--events", "60", "--repeats", "1", "--dir", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, str(script), *tiny, "--json"], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    figures = json.loads(done.stdout)
+    figures = json.loads(run_benchmark(script, *tiny, "--json"))
     assert set(figures) == {"sqlite", "memory://"}
     for stage in ("cold deliver", "cold deliver cpu", "  validation", "  replay (Execution.extend + advance)"):
         assert figures["sqlite"][stage] > 0
     # --ab against this very tree: one interleaved round each, printed side by side.
     same_tree = ["--ab", str(SCRIPT.parent.parent), "--rounds", "1"]
-    compared = subprocess.run(
-        [sys.executable, str(script), *tiny[:4], *same_tree], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert compared.returncode == 0, compared.stderr
-    assert "sqlite cold deliver" in compared.stdout
+    assert "sqlite cold deliver" in run_benchmark(script, *tiny[:4], *same_tree)
