@@ -218,6 +218,15 @@ def _nothing_else_ready() -> bool:
     return ready is not None and not ready
 
 
+def _joined_log(count: int | None, last_seq: int | None, joined: str | None, after_seq: int) -> list[Event] | None:
+    """The events of a log read as one aggregate (count, max(seq), the bodies joined), if they add up: as many
+    as the seqs after ``after_seq`` up to ``last_seq``, each valid and in its place; else None (read it again
+    row by row, which names a bad event)."""
+    if count is None or last_seq != after_seq + count:
+        return None
+    return log_from_json(f"[{joined}]", after_seq + 1, count)
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     """True when another connection holds the lock (SQLITE_BUSY and its extended codes)."""
     return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
@@ -496,13 +505,12 @@ class SQLiteStore:
         try:
             count, last_seq, joined = self._db.execute(_LOAD_JOINED, (conversation_id, after_seq)).fetchone()
         except (sqlite3.OperationalError, sqlite3.DataError):
-            count = None
+            count = last_seq = joined = None
         if count == 0:
             return []
-        if count is not None and last_seq == after_seq + count:
-            events = log_from_json(f"[{joined}]", after_seq + 1, count)
-            if events is not None:
-                return events
+        events = _joined_log(count, last_seq, joined, after_seq)
+        if events is not None:
+            return events
         # As bytes: a body that is not UTF-8 is then a corrupt event, named, not a failure of the database.
         rows = self._fetchall(
             "SELECT seq, CAST(body AS BLOB) FROM events WHERE conversation_id = ? AND seq > ? ORDER BY seq",
@@ -526,7 +534,7 @@ class SQLiteStore:
             except (StoreUnavailableError, sqlite3.DataError):
                 rows = [(conversation_id, None, None, None) for conversation_id in chunk]
             for conversation_id, count, last_seq, joined in rows:
-                events = log_from_json(f"[{joined}]", 1, count) if count is not None and last_seq == count else None
+                events = _joined_log(count, last_seq, joined, 0)
                 logs[conversation_id] = events if events is not None else await self.load(conversation_id)
         return logs
 
