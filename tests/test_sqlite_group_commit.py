@@ -221,6 +221,109 @@ async def test_a_lock_held_past_busy_timeout_is_store_unavailable_and_writes_not
     await store.close()
 
 
+async def _lock_file(tmp_path: Path) -> sqlite3.Connection:
+    """Another connection (as another runner process) holding the file's write lock."""
+    other = sqlite3.connect(f"{tmp_path}/bot.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+async def test_writes_that_meet_another_connections_lock_wait_as_one_batch(tmp_path: Path) -> None:
+    """While another connection holds the lock, the batch that met it waits as a whole, open to the writes
+    that come meanwhile, and commits them all in one transaction once the lock is free (each write waiting
+    and trying again on its own made a transaction per wake-up, and far more attempts)."""
+    store = await _sqlite(tmp_path)
+    ids = [f"c{i}" for i in range(12)]
+    for cid in ids:
+        await store.create(_row(cid), [Started(seq=1, at=T0, dialog="m:bot")])
+    other = await _lock_file(tmp_path)
+    committed = store.commits
+
+    async def append(cid: str) -> None:
+        await store.append(cid, [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)
+
+    async def later() -> None:
+        await anyio.sleep(0.11)  # the first writes have met the lock and wait (off their retry rhythm)
+        for cid in ids[8:]:
+            group.start_soon(append, cid)
+        await anyio.sleep(0.2)
+        other.execute("COMMIT")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            for cid in ids[:8]:
+                group.start_soon(append, cid)
+            group.start_soon(later)
+    other.close()
+    assert store.commits - committed == 1
+    for cid in ids:
+        assert [e.seq for e in await store.load(cid)] == [1, 2]
+    await store.close()
+
+
+async def test_a_batch_waiting_for_the_lock_outlives_its_cancelled_leader(tmp_path: Path) -> None:
+    """The task whose write opened a batch is cancelled while the batch waits for another connection's lock:
+    its write never runs, and the other writes of the batch still land once the lock is free."""
+    store = await _sqlite(tmp_path)
+    for cid in ("c1", "c2", "c3"):
+        await store.create(_row(cid), [Started(seq=1, at=T0, dialog="m:bot")])
+    other = await _lock_file(tmp_path)
+    leader_scope = anyio.CancelScope()
+
+    async def lead() -> None:
+        with leader_scope:
+            await store.append("c1", [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)
+
+    async def follow(cid: str) -> None:
+        await store.append(cid, [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)
+
+    async def later() -> None:
+        await anyio.sleep(0.1)
+        leader_scope.cancel()
+        await anyio.sleep(0.1)
+        other.execute("COMMIT")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(lead)  # first in: it opens the batch the others join
+            group.start_soon(follow, "c2")
+            group.start_soon(follow, "c3")
+            group.start_soon(later)
+    other.close()
+    assert leader_scope.cancelled_caught
+    assert [e.seq for e in await store.load("c1")] == [1]
+    assert [e.seq for e in await store.load("c2")] == [1, 2]
+    assert [e.seq for e in await store.load("c3")] == [1, 2]
+    await store.close()
+
+
+async def test_a_batch_locked_out_past_busy_timeout_fails_every_write_and_writes_nothing(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path}/bot.db?busy_timeout=0.2")
+    for cid in ("c1", "c2"):
+        await store.create(_row(cid), [Started(seq=1, at=T0, dialog="m:bot")])
+    other = await _lock_file(tmp_path)
+    failures: list[BaseException] = []
+
+    async def append(cid: str) -> None:
+        try:
+            await store.append(cid, [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)
+        except StoreUnavailableError as exc:
+            failures.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(append, "c1")
+            group.start_soon(append, "c2")
+    other.execute("COMMIT")
+    other.close()
+    assert len(failures) == 2
+    assert all("locked" in str(exc) for exc in failures)
+    assert [e.seq for e in await store.load("c1")] == [1] == [e.seq for e in await store.load("c2")]
+    await store.append("c1", [Sent(seq=2, at=T0, text="hi")], RowUpdate(), T0)  # and it recovers
+    assert [e.seq for e in await store.load("c1")] == [1, 2]
+    await store.close()
+
+
 async def test_checkpoints_run_in_a_thread_of_their_own_not_inside_a_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
