@@ -255,6 +255,8 @@ def sleep_until(when: TimeSpec) -> SleepUntil:
     """
     if type(when) is str or type(when) is datetime:
         return build(SleepUntil, when=when)
+    if isinstance(when, int | float):  # not read as a Unix time, as pydantic would: say what is wrong
+        raise InvalidInputError(f"sleep_until(when=...) takes a datetime or a string, not {type(when).__name__}")
     return _validated(SleepUntil, "sleep_until", when=when)
 
 

@@ -94,6 +94,8 @@ def test_effects_are_frozen_and_hold_their_own_containers() -> None:
         (lambda: send("hi", metadata=[1]), InvalidInputError, "send(): metadata=[1]"),  # type: ignore[arg-type]
         (lambda: wait_for_reply(timeout=[1]), InvalidInputError, "wait_for_reply(): timeout=[1]"),  # type: ignore[arg-type]
         (lambda: sleep_until([1]), InvalidInputError, "sleep_until(): when=[1]"),  # type: ignore[arg-type]
+        (lambda: sleep_until(5), InvalidInputError, "sleep_until(when=...)"),  # type: ignore[arg-type]
+        (lambda: sleep_until(1.5e9), InvalidInputError, "sleep_until(when=...)"),  # type: ignore[arg-type]
         (lambda: sleep([1]), InvalidInputError, "sleep(): duration=[1]"),  # type: ignore[arg-type]
         (lambda: finish({1, 2}), InvalidInputError, "finish(): value="),
         (lambda: cancel(5), InvalidInputError, "cancel(): message_id=5"),  # type: ignore[arg-type]
