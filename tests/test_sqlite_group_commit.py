@@ -221,6 +221,21 @@ async def test_a_lock_held_past_busy_timeout_is_store_unavailable_and_writes_not
     await store.close()
 
 
+async def test_a_provisional_append_writes_its_row_but_does_not_read_it_back(tmp_path: Path) -> None:
+    """The append before a hand-off (``RowUpdate.provisional``) skips the UPDATE's RETURNING, most of its
+    cost: it returns None, and the row it wrote is there all the same."""
+    store = await _sqlite(tmp_path)
+    await store.create(_row("c1"), [Started(seq=1, at=T0, dialog="m:bot")])
+    update = RowUpdate(state="waiting_for_reply", provisional=True)
+    assert await store.append("c1", [Sent(seq=2, at=T0, text="hi")], update, T0) is None
+    row = await store.get("c1")
+    assert row is not None
+    assert (row.last_seq, row.state) == (2, "waiting_for_reply")
+    with pytest.raises(ConflictError):  # still a compare-and-set on the log's end
+        await store.append("c1", [Sent(seq=2, at=T0, text="again")], update, T0)
+    await store.close()
+
+
 async def _lock_file(tmp_path: Path) -> sqlite3.Connection:
     """Another connection (as another runner process) holding the file's write lock."""
     other = sqlite3.connect(f"{tmp_path}/bot.db", isolation_level=None)

@@ -185,8 +185,9 @@ class Store(Protocol):
 
     async def append(
         self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
-    ) -> ConversationRow:
-        """Append events (the first must be ``last_seq + 1``) and update the row; return the new row.
+    ) -> ConversationRow | None:
+        """Append events (the first must be ``last_seq + 1``) and update the row; return the new row (a store
+        may return None instead when ``update.provisional``: the runner does not use that row).
 
         ``ConflictError`` when another writer already holds one of the sequence
         numbers; nothing is written then.

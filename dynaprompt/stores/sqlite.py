@@ -144,6 +144,8 @@ def _update_statement(update: RowUpdate, after_seq: int | None) -> tuple[str, li
         if after_seq is not None:
             names.append("after")
             conditions = [after_seq]
+    if update.provisional:
+        names.append("no returning")
     key = tuple(names)
     sql = _update_sql.get(key)
     if sql is None:
@@ -155,9 +157,10 @@ def _update_statement(update: RowUpdate, after_seq: int | None) -> tuple[str, li
             )
         else:
             where = " AND last_seq = ?" if after_seq is not None else ""
+        # A provisional update's row is not read back (the runner drops it): RETURNING is most of an UPDATE's cost.
+        returning = "" if update.provisional else f" RETURNING {_COLUMNS}"
         sql = _update_sql[key] = (
-            f"UPDATE conversations SET last_seq = MAX(last_seq, ?), updated_at = ?{sets} WHERE id = ?{where} "
-            f"RETURNING {_COLUMNS}"
+            f"UPDATE conversations SET last_seq = MAX(last_seq, ?), updated_at = ?{sets} WHERE id = ?{where}{returning}"
         )
     return sql, params, conditions
 
@@ -168,6 +171,7 @@ _SETS = {
     "claim": ", lease_owner = ?, lease_until = ?",
     "claim and release": ", lease_owner = NULL, lease_until = NULL",
     "after": "",
+    "no returning": "",
 }
 
 
@@ -214,20 +218,22 @@ class _Append(_Write):
     cells and functions are objects the cyclic garbage collector walks while the write waits for its
     COMMIT with a thousand others (measured in the concurrent benchmark)."""
 
-    __slots__ = ("conversation_id", "inserts", "params", "seq", "sql")
+    __slots__ = ("conversation_id", "inserts", "params", "returning", "seq", "sql")
 
     def __init__(
         self, conversation_id: str, sql: str, params: tuple[object, ...], inserts: list[_Insert], seq: int, *,
-        checked: bool,
+        checked: bool, returning: bool,
     ) -> None:  # fmt: skip
         super().__init__(None, log=True, checked=checked)
         self.conversation_id, self.sql, self.params, self.inserts, self.seq = conversation_id, sql, params, inserts, seq
+        self.returning = returning  # the UPDATE returns the row (else: True, once it changed it)
 
     def conflicted(self) -> Exception:
         return ConflictError(self.conversation_id, self.seq)
 
     def run(self, db: sqlite3.Connection) -> Any:
-        found = db.execute(self.sql, self.params).fetchone()
+        cursor = db.execute(self.sql, self.params)
+        found = cursor.fetchone() if self.returning else cursor.rowcount == 1 or None
         if found is None and self.checked:  # the log moved on (or the claim's row moved): nothing is written
             raise self.conflicted()
         assert found is not None, f"append to unknown conversation {self.conversation_id!r}"
@@ -646,9 +652,10 @@ class SQLiteStore:
 
     async def append(
         self, conversation_id: str, events: list[Event], update: RowUpdate, now: datetime
-    ) -> ConversationRow:
+    ) -> ConversationRow | None:
         # The row is changed in SQL (only the fields the update names) and returned by the same statement,
-        # so the transaction never reads it first: one UPDATE, the inserts, one commit.
+        # so the transaction never reads it first: one UPDATE, the inserts, one commit. A provisional update's
+        # row is not returned (see Store.append).
         sql, params, conditions = _update_statement(update, events[0].seq - 1 if events else None)
         found = await self._submit(
             _Append(
@@ -658,9 +665,10 @@ class SQLiteStore:
                 [(conversation_id, e.seq, event_to_json(e)) for e in events],
                 events[0].seq if events else update.claim.last_seq + 1 if update.claim is not None else 0,
                 checked=bool(events) or update.claim is not None,
+                returning=not update.provisional,
             )
         )
-        return self._row(found, validate=False)
+        return None if found is True else self._row(found, validate=False)
 
     def _event_inserts(self, conversation_id: str, events: list[Event]) -> list[Statement]:
         return [
