@@ -263,8 +263,9 @@ class Runner:
             raise NotTextError(text)
         if len(text) > self.max_message_chars:
             raise MessageTooLargeError(len(text), self.max_message_chars)
-        json_metadata = to_json(metadata or {}, "message metadata")
-        assert isinstance(json_metadata, dict)
+        json_metadata = {} if not metadata else to_json(metadata, "message metadata")
+        if not isinstance(json_metadata, dict):
+            raise InvalidInputError(f"deliver(metadata=...) takes a dict, not {type(metadata).__name__}")
         async with self._lock(conversation_id):
             recorded: ReplyReceived | None = None  # our reply, once it is known to be in the log
             for attempt in range(_MAX_ATTEMPTS):

@@ -112,6 +112,8 @@ async def test_non_json_metadata_is_refused(runner: Runner) -> None:
     await runner.deliver("c1", "hello", metadata={"source": "sms"})
     with pytest.raises(NotJSONError):
         await runner.deliver("c1", "hi", metadata={"when": object()})
+    with pytest.raises(InvalidInputError, match="takes a dict, not list"):  # an AssertionError once
+        await runner.deliver("c1", "hi", metadata=["sms"])  # type: ignore[arg-type]
     transcript = await runner.transcript("c1")
     assert [(entry.text, entry.metadata) for entry in transcript if entry.direction == "in"] == [
         ("hello", {"source": "sms"})
