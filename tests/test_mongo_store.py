@@ -109,6 +109,15 @@ async def test_each_event_is_one_plain_document(store: MongoStore, clock: Virtua
         "conversation_id": "ann", "seq": reply["seq"], "kind": "reply", "at": "2026-01-05T09:00:00Z",
         "text": "Slept well", "metadata": {"via": "sms"},
     }  # fmt: skip
+    # Fields at their defaults are left out (to=None, metadata={}, due_at=None): they read back as such.
+    sent = next(doc for doc in docs if doc["kind"] == "sent")
+    assert sent == {
+        "conversation_id": "ann",
+        "kind": "sent",
+        "seq": sent["seq"],
+        "at": sent["at"],
+        "text": sent["text"],
+    }
     row = await store.database["conversations"].find_one({"_id": "ann"})
     assert row is not None
     assert row["state"] == "sleeping"
