@@ -90,7 +90,9 @@ class _Deferred:
 
 
 def _lease_free(now: int) -> Document:
-    return {"$or": [{"lease_until": None}, {"lease_until": {"$lte": now}}]}
+    """No lease, or one expired by ``now``: one clause on ``lease_until`` (null or not past ``now``), not a
+    top-level ``$or``, which a server may plan as a scan of the whole collection (SecantusDB does)."""
+    return {"lease_until": {"$not": {"$gt": now}}}
 
 
 class MongoStore:
@@ -582,21 +584,23 @@ class MongoStore:
         if conversation_id in self._deferred:
             await self._write_deferred(conversation_id)
         owners = [owner] if steal_from is None else [owner, steal_from]
-        found = await self._retry(
-            "acquire",
-            lambda: self._rows.find_one_and_update(
-                {
-                    "_id": conversation_id,
-                    "$or": [
-                        {"lease_until": None},
-                        {"lease_owner": {"$in": owners}},
-                        {"lease_until": {"$lte": _us(now)}},
-                    ],
-                },
-                {"$set": {"lease_owner": owner, "lease_until": _us(until)}},
-                return_document=ReturnDocument.AFTER,
-            ),
-        )
+        taken = {"$set": {"lease_owner": owner, "lease_until": _us(until)}}
+        # Free or expired first (the usual case), then held by us or by steal_from: two filters that each plan as
+        # a lookup by _id, where one with a top-level $or may be planned as a scan (see _lease_free).
+        queries: list[Document] = [
+            {"_id": conversation_id, **_lease_free(_stamp(now))},
+            {"_id": conversation_id, "lease_owner": {"$in": owners}},
+        ]
+        found = None
+        for query in queries:
+            found = await self._retry(
+                "acquire",
+                lambda query=query: self._rows.find_one_and_update(  # type: ignore[misc]
+                    query, taken, return_document=ReturnDocument.AFTER
+                ),
+            )
+            if found is not None:
+                break
         return None if found is None else self._saw(_row(found))
 
     async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
@@ -632,12 +636,8 @@ class MongoStore:
 
         async def read() -> list[list[Document]]:
             found: list[list[Document]] = await asyncio.gather(
-                self._rows.find(
-                    {"$or": [{"needs_advance": True, **_lease_free(stamp)}, {"lease_until": {"$lte": stamp}}]},
-                    {"_id": 1},
-                )
-                .limit(limit)
-                .to_list(None),
+                self._rows.find({"needs_advance": True, **_lease_free(stamp)}, {"_id": 1}).limit(limit).to_list(None),
+                self._rows.find({"lease_until": {"$lte": stamp}}, {"_id": 1}).limit(limit).to_list(None),
                 self._rows.find({"wake_at": {"$lte": stamp}, **_lease_free(stamp)}, {"_id": 1})
                 .sort("wake_at", ASCENDING)
                 .limit(limit)
@@ -645,8 +645,8 @@ class MongoStore:
             )
             return found
 
-        attention, timers = await self._retry("due", read)
-        ids = dict.fromkeys(doc["_id"] for doc in [*attention, *timers])
+        flagged, expired, timers = await self._retry("due", read)
+        ids = dict.fromkeys(doc["_id"] for doc in [*flagged, *expired, *timers])
         return list(ids)[:limit]
 
     async def next_wake_at(self, *, after: datetime | None = None) -> datetime | None:
