@@ -406,7 +406,7 @@ async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = False
 
 async def cold_resume(url: str, sizes: list[int], repeats: int) -> dict[int, float]:
     """Seconds for a new store and runner to deliver one reply to a conversation with a log of each size."""
-    from dynaprompt.stores.mongo import _row_doc
+    from dynaprompt.stores.mongo import _event_doc, _row_doc
 
     results: dict[int, float] = {}
     for size in sizes:
@@ -425,7 +425,7 @@ async def cold_resume(url: str, sizes: list[int], repeats: int) -> dict[int, flo
             store = await open_store(url)
             assert isinstance(store, MongoStore)
             cid = f"long-{size}-{attempt}"
-            docs = [{"conversation_id": cid, **event.model_dump(mode="json")} for event in events]
+            docs = [_event_doc(cid, event) for event in events]
             for start in range(0, len(docs), 1000):
                 await store.database["events"].insert_many(docs[start : start + 1000])
             await store.database["conversations"].insert_one(_row_doc(row.model_copy(update={"id": cid}), len(docs)))

@@ -876,8 +876,37 @@ class Runner:
             handed.append(mid)
         if not handed:
             return None
+        durable_seq = execution.last_seq
         delivered = execution.mark_delivered(handed, self.clock.now())
-        return await self._flush(conversation_id, execution, now, delivered, release=release)
+        try:
+            return await self._flush(conversation_id, execution, now, delivered, release=release)
+        except ConflictError:
+            # Another runner made a reply durable while the channel held the messages (it may, lease or not): it
+            # took the seqs of the marks. The messages were handed all the same, so the marks go after what came
+            # in, or the replay that answers that reply would hand them over again; then the caller reloads.
+            await self._mark_handed(conversation_id, durable_seq, handed)
+            raise
+
+    async def _mark_handed(self, conversation_id: str, after_seq: int, handed: list[str]) -> None:
+        """Record messages handed to the channel as delivered at the end of the log as it now is (past
+        ``after_seq``), those not marked there yet; the row is flagged for the advance that follows."""
+        for _ in range(_MAX_ATTEMPTS):
+            events = await self.store.load(conversation_id, after_seq)
+            marked = {event.message_id for event in events if isinstance(event, Delivered)}
+            pending = [mid for mid in handed if mid not in marked]
+            if not pending:
+                return
+            last_seq, now = events[-1].seq if events else after_seq, self.clock.now()
+            marks: list[Event] = [
+                build(Delivered, seq=last_seq + number, at=now, message_id=mid)
+                for number, mid in enumerate(pending, start=1)
+            ]
+            try:
+                await self.store.append(conversation_id, marks, RowUpdate(needs_advance=True), now)
+                return
+            except ConflictError:
+                continue
+        log.warning("could not record %s as delivered on %r; they may be handed over again", handed, conversation_id)
 
     async def _run_call(
         self, conversation_id: str, execution: Execution, effect: Call

@@ -278,3 +278,41 @@ async def test_a_warm_timer_wake_up_takes_its_lease_with_its_first_append(clock:
     assert channel.texts() == ["awake"]
     assert row is not None
     assert (row.lease_owner, row.state) == (None, "waiting_for_reply")
+
+
+class RepliesMidHandOff:
+    """A channel that, while taking a conversation's first message, has another runner deliver a reply to that
+    conversation (a user answering at once, the reply reaching another runner process)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.other: Runner | None = None
+
+    async def deliver(self, message: Message) -> None:
+        self.messages.append(message)
+        if self.other is not None:
+            other, self.other = self.other, None
+            await other.deliver(message.conversation_id, "meanwhile")
+
+
+async def test_a_reply_appended_by_another_runner_during_a_hand_off_repeats_no_message(
+    store: Store, clock: VirtualClock
+) -> None:
+    """The reply takes the seq the delivered marks were to have: the marks go after it, so the replay that
+    answers the reply does not hand the messages over a second time."""
+    channel = RepliesMidHandOff()
+    async with (
+        Runner(store, channel, clock=clock) as a,
+        Runner(store, ListChannel(), clock=clock) as b,
+    ):
+        await a.start(echo, "e1")
+        channel.other = b
+        await a.deliver("e1", "hi")
+        await a.run_due()
+        row = await store.get("e1")
+        transcript = [(entry.direction, entry.text) for entry in await a.transcript("e1")]
+    assert [message.text for message in channel.messages] == ["echo hi", "echo meanwhile"]
+    assert len({message.id for message in channel.messages}) == 2
+    assert transcript == [("in", "hi"), ("out", "echo hi"), ("in", "meanwhile"), ("out", "echo meanwhile")]
+    assert row is not None
+    assert (row.lease_owner, row.needs_advance) == (None, False)

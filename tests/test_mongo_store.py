@@ -109,6 +109,15 @@ async def test_each_event_is_one_plain_document(store: MongoStore, clock: Virtua
         "conversation_id": "ann", "seq": reply["seq"], "kind": "reply", "at": "2026-01-05T09:00:00Z",
         "text": "Slept well", "metadata": {"via": "sms"},
     }  # fmt: skip
+    # Fields at their defaults are left out (to=None, metadata={}, due_at=None): they read back as such.
+    sent = next(doc for doc in docs if doc["kind"] == "sent")
+    assert sent == {
+        "conversation_id": "ann",
+        "kind": "sent",
+        "seq": sent["seq"],
+        "at": sent["at"],
+        "text": sent["text"],
+    }
     row = await store.database["conversations"].find_one({"_id": "ann"})
     assert row is not None
     assert row["state"] == "sleeping"
@@ -270,6 +279,34 @@ async def test_a_refused_hand_off_still_writes_the_row_before_the_lease_goes(
         assert await runner.run_due() >= 0
         await runner.deliver("ann", "two")
     assert channel.texts == ["1: one", "2: two"]
+
+
+async def test_a_reply_another_process_appends_during_the_hand_off_repeats_no_message(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """While the channel holds the bot's message (row write put off, lease held), another process makes a reply
+    durable at the seq the "delivered" mark was to have: the mark goes after it, and the message is handed
+    over once."""
+    other = await open_store(store.url)
+    replies = ["meanwhile"]
+
+    async def reply_elsewhere() -> None:
+        if replies:
+            async with Runner(other, clock=clock) as elsewhere:
+                await elsewhere.deliver("ann", replies.pop())
+
+    channel = HoldingChannel(reply_elsewhere)
+    try:
+        async with Runner(store, channel, clock=clock, cache_size=16) as runner:
+            await runner.start(counter, "ann")
+            await runner.deliver("ann", "one")
+            await runner.run_due()
+    finally:
+        await other.close()
+    assert channel.texts == ["1: one", "2: meanwhile"]
+    after = await row_seen_afresh(store, "ann")
+    assert after is not None
+    assert (after.state, after.needs_advance, after.lease_owner) == ("waiting_for_reply", False, None)
 
 
 async def test_a_turns_last_row_write_lost_with_the_server_loses_nothing(

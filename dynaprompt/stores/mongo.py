@@ -90,7 +90,9 @@ class _Deferred:
 
 
 def _lease_free(now: int) -> Document:
-    return {"$or": [{"lease_until": None}, {"lease_until": {"$lte": now}}]}
+    """No lease, or one expired by ``now``: one clause on ``lease_until`` (null or not past ``now``), not a
+    top-level ``$or``, which a server may plan as a scan of the whole collection (SecantusDB does)."""
+    return {"lease_until": {"$not": {"$gt": now}}}
 
 
 class MongoStore:
@@ -485,9 +487,11 @@ class MongoStore:
         seen = self._seen.get(conversation_id)
         if seen is None or seen.last_seq != first_seq - 1 or not _STATE_FIELDS <= changes.keys():
             return None
+        # run, dialog and tz change only with run_seq (a new run, whose Started event moves last_seq too): checking
+        # run_seq covers them, and each field fewer is an index lookup fewer for a planner that tries one per field.
         query: Document = {
-            "_id": conversation_id, "last_seq": seen.last_seq, "run_seq": seen.run_seq, "run": seen.run,
-            "dialog": seen.dialog, "tz": seen.tz, "lease_owner": seen.lease_owner, "lease_until": _us(seen.lease_until),
+            "_id": conversation_id, "last_seq": seen.last_seq, "run_seq": seen.run_seq,
+            "lease_owner": seen.lease_owner, "lease_until": _us(seen.lease_until),
         }  # fmt: skip
         row = update.apply(base, last_seq, now)
         change = {**changes, "last_seq": last_seq}
@@ -511,19 +515,21 @@ class MongoStore:
 
     async def _claim(self, conversation_id: str, claim: Claim, seq: int) -> None:
         """Take the lease if the row is as the claim expects (see ``Claim``), else ``ConflictError``."""
+        # The lease free or expired is one clause on lease_until ($not $gt: null or past), our own lease a second
+        # try: no top-level $or, which a server may plan as a scan of every conversation (SecantusDB does) where
+        # an equality on _id is a point lookup. The flags are $ne true, which leaves the planner nothing to look
+        # up an index for. Usually the first try matches: the lease is free between turns.
         query: Document = {
-            "_id": conversation_id, "last_seq": claim.last_seq, "run_seq": claim.run_seq, "parked": False,
-            "needs_advance": False,
-            "$or": [{"lease_until": None}, {"lease_owner": claim.owner}, {"lease_until": {"$lte": _us(claim.now)}}],
+            "_id": conversation_id, "last_seq": claim.last_seq, "run_seq": claim.run_seq,
+            "needs_advance": {"$ne": True}, "parked": {"$ne": True}, "lease_until": {"$not": {"$gt": _us(claim.now)}},
         }  # fmt: skip
+        ours = {**{name: value for name, value in query.items() if name != "lease_until"}, "lease_owner": claim.owner}
+        taken = {"$set": {"lease_owner": claim.owner, "lease_until": _us(claim.until)}}
         # update_one, not find_one_and_update: the filter says all the runner needs to know. Retried after a
         # network failure, a claim that did land still matches (the lease is then ours), so it is idempotent.
-        claimed = await self._retry(
-            "append",
-            lambda: self._rows_unjournaled.update_one(
-                query, {"$set": {"lease_owner": claim.owner, "lease_until": _us(claim.until)}}
-            ),
-        )
+        claimed = await self._retry("append", lambda: self._rows_unjournaled.update_one(query, taken))
+        if claimed.matched_count != 1:
+            claimed = await self._retry("append", lambda: self._rows_unjournaled.update_one(ours, taken))
         seen = self._seen.get(conversation_id)
         if claimed.matched_count != 1:
             self._seen.pop(conversation_id, None)
@@ -536,7 +542,7 @@ class MongoStore:
     async def _insert_events(self, conversation_id: str, events: list[Event]) -> None:
         if not events:
             return
-        docs = [{"conversation_id": conversation_id, **event.model_dump(mode="json")} for event in events]
+        docs = [_event_doc(conversation_id, event) for event in events]
         pending = list(docs)
 
         async def insert() -> None:
@@ -578,21 +584,23 @@ class MongoStore:
         if conversation_id in self._deferred:
             await self._write_deferred(conversation_id)
         owners = [owner] if steal_from is None else [owner, steal_from]
-        found = await self._retry(
-            "acquire",
-            lambda: self._rows.find_one_and_update(
-                {
-                    "_id": conversation_id,
-                    "$or": [
-                        {"lease_until": None},
-                        {"lease_owner": {"$in": owners}},
-                        {"lease_until": {"$lte": _us(now)}},
-                    ],
-                },
-                {"$set": {"lease_owner": owner, "lease_until": _us(until)}},
-                return_document=ReturnDocument.AFTER,
-            ),
-        )
+        taken = {"$set": {"lease_owner": owner, "lease_until": _us(until)}}
+        # Free or expired first (the usual case), then held by us or by steal_from: two filters that each plan as
+        # a lookup by _id, where one with a top-level $or may be planned as a scan (see _lease_free).
+        queries: list[Document] = [
+            {"_id": conversation_id, **_lease_free(_stamp(now))},
+            {"_id": conversation_id, "lease_owner": {"$in": owners}},
+        ]
+        found = None
+        for query in queries:
+            found = await self._retry(
+                "acquire",
+                lambda query=query: self._rows.find_one_and_update(  # type: ignore[misc]
+                    query, taken, return_document=ReturnDocument.AFTER
+                ),
+            )
+            if found is not None:
+                break
         return None if found is None else self._saw(_row(found))
 
     async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
@@ -628,12 +636,8 @@ class MongoStore:
 
         async def read() -> list[list[Document]]:
             found: list[list[Document]] = await asyncio.gather(
-                self._rows.find(
-                    {"$or": [{"needs_advance": True, **_lease_free(stamp)}, {"lease_until": {"$lte": stamp}}]},
-                    {"_id": 1},
-                )
-                .limit(limit)
-                .to_list(None),
+                self._rows.find({"needs_advance": True, **_lease_free(stamp)}, {"_id": 1}).limit(limit).to_list(None),
+                self._rows.find({"lease_until": {"$lte": stamp}}, {"_id": 1}).limit(limit).to_list(None),
                 self._rows.find({"wake_at": {"$lte": stamp}, **_lease_free(stamp)}, {"_id": 1})
                 .sort("wake_at", ASCENDING)
                 .limit(limit)
@@ -641,8 +645,8 @@ class MongoStore:
             )
             return found
 
-        attention, timers = await self._retry("due", read)
-        ids = dict.fromkeys(doc["_id"] for doc in [*attention, *timers])
+        flagged, expired, timers = await self._retry("due", read)
+        ids = dict.fromkeys(doc["_id"] for doc in [*flagged, *expired, *timers])
         return list(ids)[:limit]
 
     async def next_wake_at(self, *, after: datetime | None = None) -> datetime | None:
@@ -760,6 +764,17 @@ class MongoStore:
 def _event(conversation_id: str, doc: Mapping[str, Any]) -> Event:
     body = {name: value for name, value in doc.items() if name not in ("_id", "conversation_id")}
     return event_from_dict(conversation_id, body.get("seq", 0), body)
+
+
+def _event_doc(conversation_id: str, event: Event) -> Document:
+    """The event's document: its conversation, its kind, and the fields that differ from their defaults (as the
+    SQLite store stores them; a field left out reads back as its default, and documents with every field read
+    the same). Smaller documents cost the driver and the server less to encode, send and store."""
+    return {
+        "conversation_id": conversation_id,
+        "kind": event.kind,
+        **event.model_dump(mode="json", exclude_defaults=True),
+    }
 
 
 def _row_doc(row: ConversationRow, last_seq: int) -> Document:
