@@ -360,14 +360,21 @@ class Runner:
             self._took_over_dead = True
             rows = await self.store.conversations()
             pool.add([row.id for row in rows if row.lease_owner and _owner_is_dead(row.lease_owner)], "taken over")
+        # Each read is padded by the rows this pass has seen that the last read still found due (in flight and
+        # not yet claimed, failed, refused by the channel): they come first, before the rows not seen yet. Padded
+        # by everything seen, a pass over a backlog of n read O(n) rows each time, O(n^2 / due_batch) in all,
+        # and fell further behind the more behind it was.
+        still_due = 0
         while True:
             await pool.taken()  # the next batch once the workers have taken this one
-            # Padded by what this pass has seen: those still due (failed, or not yet claimed) come first.
-            limit = self.due_batch + len(pool.seen)
+            limit = self.due_batch + still_due
             found = await self.store.due(now, limit)
-            pool.add(found, "advanced")
+            added = pool.add(found, "advanced")
             if len(found) < limit:
                 return  # that was everything due at ``now``
+            # None new: every row read was seen, so read past them all next time (the limit grows each time
+            # round, so this ends).
+            still_due = len(found) - added if added else len(found)
 
     async def _fire_alone(self, conversation_id: str, action: str, events: list[Event] | None) -> None:
         """``_fire`` one conversation of a ``run_due`` pass; its failure is its own (logged)."""
@@ -957,15 +964,17 @@ class _FirePool:
         self._taken: anyio.Event | None = None
         self.seen: set[str] = set()
 
-    def add(self, conversation_ids: list[str], action: str) -> None:
-        """Queue the ids not seen before, starting workers for them up to ``size``."""
+    def add(self, conversation_ids: list[str], action: str) -> int:
+        """Queue the ids not seen before, starting workers for them up to ``size``; how many were new."""
+        seen, queued = self.seen, len(self._queue)
         for conversation_id in conversation_ids:
-            if conversation_id not in self.seen:
-                self.seen.add(conversation_id)
+            if conversation_id not in seen:
+                seen.add(conversation_id)
                 self._queue.append((conversation_id, action))
         while self._workers < min(self._size, len(self._queue)):
             self._workers += 1
             self._group.start_soon(self._work)
+        return len(self._queue) - queued
 
     async def taken(self) -> None:
         """Return once every queued conversation has been taken by a worker."""
