@@ -136,7 +136,8 @@ class Runner:
         self.min_schedule_interval = _seconds(min_schedule_interval)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._cache: OrderedDict[str, Execution] = OrderedDict()
-        self._locks: dict[str, deque[anyio.Event]] = {}  # conversations being worked on: their waiters
+        # Conversations being worked on: their waiters (None until one waits, so a wake-up allocates nothing).
+        self._locks: dict[str, deque[anyio.Event] | None] = {}
         self._changed = anyio.Event()
         # What serve() plans to sleep until (None: not sleeping on a plan, so any new wake-up wakes it), and the
         # earliest future wake-up this runner recorded since serve's pass began: see _note_wake.
@@ -592,7 +593,7 @@ class Runner:
             if cached is not None:
                 # Warm, as in deliver(): advance first, and let the first append take the lease if nothing moved.
                 try:
-                    await self._advance_and_release(conversation_id, cached, claim=self._claim(cached, now))
+                    await self._advance_released(conversation_id, cached, claim=self._claim(cached, now))
                     return
                 except ConflictError:
                     now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
@@ -606,7 +607,7 @@ class Runner:
                 )
                 if execution is not None:
                     try:
-                        await self._advance_and_release(conversation_id, execution, claim=self._claim(execution, now))
+                        await self._advance_released(conversation_id, execution, claim=self._claim(execution, now))
                         return
                     except ConflictError:
                         now = self.clock.now()
@@ -640,7 +641,7 @@ class Runner:
             return
         for _ in range(_MAX_ATTEMPTS):
             try:
-                await self._advance_and_release(conversation_id, execution, leased)
+                await self._advance_released(conversation_id, execution, leased)
                 return
             except ConflictError:
                 # A reply was made durable meanwhile and the failed advance dropped our lease: claim it
@@ -694,8 +695,22 @@ class Runner:
         *,
         claim: Claim | None = None,
     ) -> Status:
+        """Advance, append, hand off, and release the lease (see ``_advance_released``); the status after."""
+        written = await self._advance_released(conversation_id, execution, row, claim=claim)
+        return _status(written) if written is not None else await self.status(conversation_id)
+
+    async def _advance_released(
+        self,
+        conversation_id: str,
+        execution: Execution,
+        row: ConversationRow | None = None,
+        *,
+        claim: Claim | None = None,
+    ) -> ConversationRow | None:
         """Advance, append, hand off, and release the lease; go again if input arrived meanwhile. With
-        ``claim``, the lease is not held yet: the advance's first append takes it."""
+        ``claim``, the lease is not held yet: the advance's first append takes it. The row the release was
+        written with, if it went with the last append, else None. (A timer's advance wants no status: building
+        one, or reading the row for it, was a wake-up's work for nothing.)"""
         stale = row is not None and (row.parked or row.needs_advance or row.state != execution.state)
         try:
             while True:
@@ -716,7 +731,7 @@ class Runner:
             await self._abandon(conversation_id, execution)
             raise
         self._keep(conversation_id, execution)
-        return _status(written) if written is not None else await self.status(conversation_id)
+        return written
 
     async def _abandon(self, conversation_id: str, execution: Execution | None = None) -> None:
         """Drop our cached state and our lease after a failure, even while being cancelled:
@@ -1026,15 +1041,18 @@ class _ConversationLock:
 
     __slots__ = ("_conversation_id", "_locks")
 
-    def __init__(self, locks: dict[str, deque[anyio.Event]], conversation_id: str) -> None:
+    def __init__(self, locks: dict[str, deque[anyio.Event] | None], conversation_id: str) -> None:
         self._locks = locks
         self._conversation_id = conversation_id
 
     async def __aenter__(self) -> None:
-        waiters = self._locks.get(self._conversation_id)
-        if waiters is None:
-            self._locks[self._conversation_id] = deque()
+        locks, conversation_id = self._locks, self._conversation_id
+        if conversation_id not in locks:
+            locks[conversation_id] = None
             return
+        waiters = locks[conversation_id]
+        if waiters is None:
+            waiters = locks[conversation_id] = deque()
         turn = anyio.Event()
         waiters.append(turn)
         try:
