@@ -359,7 +359,7 @@ class Runner:
             # restart on the same host takes those over at once (the owner is provably dead), so its
             # half-done advances and unhanded messages do not wait out the lease.
             self._took_over_dead = True
-            rows = await self.store.conversations()
+            rows = await self.store.leased()  # not every row: a store of a million conversations has few leases
             pool.add([row.id for row in rows if row.lease_owner and _owner_is_dead(row.lease_owner)], "taken over")
         # Each read is padded by the rows this pass has seen that the last read still found due (in flight and
         # not yet claimed, failed, refused by the channel): they come first, before the rows not seen yet. Padded

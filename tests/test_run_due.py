@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -518,3 +521,41 @@ async def test_serve_wakes_early_only_for_a_wake_up_before_the_one_it_sleeps_unt
         status = await runner.status("q1")
     assert status.state == "completed"
     assert channel.texts("q1") == ["Still there?", "Bye."]
+
+
+class CountsRowScans(MemoryStore):
+    """Counts the reads of every row (conversations()) and of the leased ones (leased())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans = {"conversations": 0, "leased": 0}
+
+    async def conversations(self, state: Any = None) -> list[ConversationRow]:
+        self.scans["conversations"] += 1
+        return await super().conversations(state)
+
+    async def leased(self) -> list[ConversationRow]:
+        self.scans["leased"] += 1
+        return await super().leased()
+
+
+async def test_the_first_pass_takes_over_dead_leases_without_reading_every_row(clock: VirtualClock) -> None:
+    store = CountsRowScans()
+    channel = ListChannel()
+    dead_owner = f"{socket.gethostname()}:{_finished_pid()}:deadbeef"
+    async with Runner(store, channel, clock=clock, cache_size=0) as runner:
+        ids = await start_sleepers(runner, 30)
+        # A process on this host died while advancing s007: its lease would hold the conversation for a day.
+        assert await store.acquire("s007", dead_owner, clock.now() + timedelta(days=1), clock.now()) is not None
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 30
+        assert await runner.run_due() == 0
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+    assert store.scans == {"conversations": 0, "leased": 1}  # the leased rows, once; never every row
+
+
+def _finished_pid() -> int:
+    """The pid of a process of ours that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
