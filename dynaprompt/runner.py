@@ -362,9 +362,10 @@ class Runner:
             rows = await self.store.leased()  # not every row: a store of a million conversations has few leases
             pool.add([row.id for row in rows if row.lease_owner and _owner_is_dead(row.lease_owner)], "taken over")
         # Each read is padded by the rows this pass has seen that the last read still found due (in flight and
-        # not yet claimed, failed, refused by the channel): they come first, before the rows not seen yet. Padded
-        # by everything seen, a pass over a backlog of n read O(n) rows each time, O(n^2 / due_batch) in all,
-        # and fell further behind the more behind it was.
+        # not yet claimed, failed, refused by the channel; usually the soonest, so read first). Padded by
+        # everything seen, a pass over a backlog of n read O(n) rows each time, O(n^2 / due_batch) in all, and
+        # fell further behind the more behind it was. Whatever the order, a read shorter than its limit holds
+        # everything due, so the pass misses nothing.
         still_due = 0
         while True:
             await pool.taken()  # the next batch once the workers have taken this one
