@@ -112,9 +112,13 @@ class Advance:
     error: ErrorInfo | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Execution:
-    """One run of a conversation, resumable from its log. Not thread-safe; one owner at a time."""
+    """One run of a conversation, resumable from its log. Not thread-safe; one owner at a time.
+
+    Slotted: no ``__dict__`` per execution, one tracked object fewer for each the cache keeps (a full
+    collection of the cyclic garbage collector visits every one of them).
+    """
 
     conversation_id: str
     dialog: Dialog

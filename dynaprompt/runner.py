@@ -136,7 +136,8 @@ class Runner:
         self.min_schedule_interval = _seconds(min_schedule_interval)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._cache: OrderedDict[str, Execution] = OrderedDict()
-        self._locks: dict[str, deque[anyio.Event]] = {}  # conversations being worked on: their waiters
+        # Conversations being worked on: their waiters (None until one waits, so a wake-up allocates nothing).
+        self._locks: dict[str, deque[anyio.Event] | None] = {}
         self._changed = anyio.Event()
         # What serve() plans to sleep until (None: not sleeping on a plan, so any new wake-up wakes it), and the
         # earliest future wake-up this runner recorded since serve's pass began: see _note_wake.
@@ -359,16 +360,24 @@ class Runner:
             # restart on the same host takes those over at once (the owner is provably dead), so its
             # half-done advances and unhanded messages do not wait out the lease.
             self._took_over_dead = True
-            rows = await self.store.conversations()
+            rows = await self.store.leased()  # not every row: a store of a million conversations has few leases
             pool.add([row.id for row in rows if row.lease_owner and _owner_is_dead(row.lease_owner)], "taken over")
+        # Each read is padded by the rows this pass has seen that the last read still found due (in flight and
+        # not yet claimed, failed, refused by the channel; usually the soonest, so read first). Padded by
+        # everything seen, a pass over a backlog of n read O(n) rows each time, O(n^2 / due_batch) in all, and
+        # fell further behind the more behind it was. Whatever the order, a read shorter than its limit holds
+        # everything due, so the pass misses nothing.
+        still_due = 0
         while True:
             await pool.taken()  # the next batch once the workers have taken this one
-            # Padded by what this pass has seen: those still due (failed, or not yet claimed) come first.
-            limit = self.due_batch + len(pool.seen)
+            limit = self.due_batch + still_due
             found = await self.store.due(now, limit)
-            pool.add(found, "advanced")
+            added = pool.add(found, "advanced")
             if len(found) < limit:
                 return  # that was everything due at ``now``
+            # None new: every row read was seen, so read past them all next time (the limit grows each time
+            # round, so this ends).
+            still_due = len(found) - added if added else len(found)
 
     async def _fire_alone(self, conversation_id: str, action: str, events: list[Event] | None) -> None:
         """``_fire`` one conversation of a ``run_due`` pass; its failure is its own (logged)."""
@@ -586,7 +595,7 @@ class Runner:
             if cached is not None:
                 # Warm, as in deliver(): advance first, and let the first append take the lease if nothing moved.
                 try:
-                    await self._advance_and_release(conversation_id, cached, claim=self._claim(cached, now))
+                    await self._advance_released(conversation_id, cached, claim=self._claim(cached, now))
                     return
                 except ConflictError:
                     now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
@@ -600,7 +609,7 @@ class Runner:
                 )
                 if execution is not None:
                     try:
-                        await self._advance_and_release(conversation_id, execution, claim=self._claim(execution, now))
+                        await self._advance_released(conversation_id, execution, claim=self._claim(execution, now))
                         return
                     except ConflictError:
                         now = self.clock.now()
@@ -634,7 +643,7 @@ class Runner:
             return
         for _ in range(_MAX_ATTEMPTS):
             try:
-                await self._advance_and_release(conversation_id, execution, leased)
+                await self._advance_released(conversation_id, execution, leased)
                 return
             except ConflictError:
                 # A reply was made durable meanwhile and the failed advance dropped our lease: claim it
@@ -688,8 +697,22 @@ class Runner:
         *,
         claim: Claim | None = None,
     ) -> Status:
+        """Advance, append, hand off, and release the lease (see ``_advance_released``); the status after."""
+        written = await self._advance_released(conversation_id, execution, row, claim=claim)
+        return _status(written) if written is not None else await self.status(conversation_id)
+
+    async def _advance_released(
+        self,
+        conversation_id: str,
+        execution: Execution,
+        row: ConversationRow | None = None,
+        *,
+        claim: Claim | None = None,
+    ) -> ConversationRow | None:
         """Advance, append, hand off, and release the lease; go again if input arrived meanwhile. With
-        ``claim``, the lease is not held yet: the advance's first append takes it."""
+        ``claim``, the lease is not held yet: the advance's first append takes it. The row the release was
+        written with, if it went with the last append, else None. (A timer's advance wants no status: building
+        one, or reading the row for it, was a wake-up's work for nothing.)"""
         stale = row is not None and (row.parked or row.needs_advance or row.state != execution.state)
         try:
             while True:
@@ -710,7 +733,7 @@ class Runner:
             await self._abandon(conversation_id, execution)
             raise
         self._keep(conversation_id, execution)
-        return _status(written) if written is not None else await self.status(conversation_id)
+        return written
 
     async def _abandon(self, conversation_id: str, execution: Execution | None = None) -> None:
         """Drop our cached state and our lease after a failure, even while being cancelled:
@@ -987,15 +1010,17 @@ class _FirePool:
         self._taken: anyio.Event | None = None
         self.seen: set[str] = set()
 
-    def add(self, conversation_ids: list[str], action: str) -> None:
-        """Queue the ids not seen before, starting workers for them up to ``size``."""
+    def add(self, conversation_ids: list[str], action: str) -> int:
+        """Queue the ids not seen before, starting workers for them up to ``size``; how many were new."""
+        seen, queued = self.seen, len(self._queue)
         for conversation_id in conversation_ids:
-            if conversation_id not in self.seen:
-                self.seen.add(conversation_id)
+            if conversation_id not in seen:
+                seen.add(conversation_id)
                 self._queue.append((conversation_id, action))
         while self._workers < min(self._size, len(self._queue)):
             self._workers += 1
             self._group.start_soon(self._work)
+        return len(self._queue) - queued
 
     async def taken(self) -> None:
         """Return once every queued conversation has been taken by a worker."""
@@ -1047,15 +1072,18 @@ class _ConversationLock:
 
     __slots__ = ("_conversation_id", "_locks")
 
-    def __init__(self, locks: dict[str, deque[anyio.Event]], conversation_id: str) -> None:
+    def __init__(self, locks: dict[str, deque[anyio.Event] | None], conversation_id: str) -> None:
         self._locks = locks
         self._conversation_id = conversation_id
 
     async def __aenter__(self) -> None:
-        waiters = self._locks.get(self._conversation_id)
-        if waiters is None:
-            self._locks[self._conversation_id] = deque()
+        locks, conversation_id = self._locks, self._conversation_id
+        if conversation_id not in locks:
+            locks[conversation_id] = None
             return
+        waiters = locks[conversation_id]
+        if waiters is None:
+            waiters = locks[conversation_id] = deque()
         turn = anyio.Event()
         waiters.append(turn)
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -98,3 +100,18 @@ def test_the_31st_skips_shorter_months() -> None:
 def test_leap_day_fires_only_in_leap_years() -> None:
     times = occurrences("every year on february 29 at 9am", datetime(2026, 1, 1, tzinfo=UTC), "UTC", 2)
     assert [t.year for t in times] == [2028, 2032]
+
+
+def test_croniter_is_imported_only_when_a_recurrence_needs_it() -> None:
+    # Every object a module leaves behind is visited by each full collection of the garbage collector, in every
+    # runner; croniter is needed only once a schedule computes a time.
+    script = (
+        "import sys\n"
+        "from datetime import UTC, datetime\n"
+        "import dynaprompt, dynaprompt.runner, dynaprompt.scheduling\n"
+        "assert 'croniter' not in sys.modules, 'imported with dynaprompt'\n"
+        "from dynaprompt.recurrence import parse_recurrence\n"
+        "parse_recurrence('0 9 * * 1-5').next_after(datetime.now(UTC), 'UTC')\n"
+        "assert 'croniter' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -152,6 +155,52 @@ async def test_run_due_takes_batch_after_batch_until_nothing_due_is_left(
         clock.advance(timedelta(hours=1))
         assert await runner.run_due() == 3
     assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+
+
+class CountsDueReads(NetworkLikeStore):
+    """Records the limit of every due() read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limits: list[int] = []
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
+        self.limits.append(limit)
+        return await super().due(now, limit)
+
+
+async def test_a_backlog_is_read_a_batch_at_a_time_not_padded_by_all_it_has_seen(clock: VirtualClock) -> None:
+    store = CountsDueReads()
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0, due_batch=10, due_concurrency=4) as runner:
+        ids = await start_sleepers(runner, 200)
+        clock.advance(timedelta(hours=2))
+        store.limits.clear()
+        assert await runner.run_due() == 200
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+    # Each read is padded by what the last one found still due (at most the conversations in flight), not by
+    # the 200 seen: the limits used to climb to 210.
+    assert max(store.limits) <= 10 + 4
+    assert len(store.limits) >= 200 // 10
+
+
+class RefusesAll(ListChannel):
+    async def deliver(self, message: Message) -> None:
+        raise ConnectionError("the chat service is down")
+
+
+async def test_a_pass_ends_when_everything_it_reads_stays_due(
+    clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every message is refused, so every conversation a pass advances stays due: reads that find only those
+    # must still reach the ones behind them, and the pass must end.
+    store = CountsDueReads()
+    async with Runner(store, RefusesAll(), clock=clock, cache_size=0, due_batch=3, due_concurrency=2) as runner:
+        await start_sleepers(runner, 20)
+        clock.advance(timedelta(hours=2))
+        with caplog.at_level(logging.CRITICAL, logger="dynaprompt"), anyio.fail_after(5):
+            assert await runner.run_due() == 20
+        assert len(await store.due(clock.now(), 100)) == 20
 
 
 class BrokenForOne(NetworkLikeStore):
@@ -472,3 +521,41 @@ async def test_serve_wakes_early_only_for_a_wake_up_before_the_one_it_sleeps_unt
         status = await runner.status("q1")
     assert status.state == "completed"
     assert channel.texts("q1") == ["Still there?", "Bye."]
+
+
+class CountsRowScans(MemoryStore):
+    """Counts the reads of every row (conversations()) and of the leased ones (leased())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans = {"conversations": 0, "leased": 0}
+
+    async def conversations(self, state: Any = None) -> list[ConversationRow]:
+        self.scans["conversations"] += 1
+        return await super().conversations(state)
+
+    async def leased(self) -> list[ConversationRow]:
+        self.scans["leased"] += 1
+        return await super().leased()
+
+
+async def test_the_first_pass_takes_over_dead_leases_without_reading_every_row(clock: VirtualClock) -> None:
+    store = CountsRowScans()
+    channel = ListChannel()
+    dead_owner = f"{socket.gethostname()}:{_finished_pid()}:deadbeef"
+    async with Runner(store, channel, clock=clock, cache_size=0) as runner:
+        ids = await start_sleepers(runner, 30)
+        # A process on this host died while advancing s007: its lease would hold the conversation for a day.
+        assert await store.acquire("s007", dead_owner, clock.now() + timedelta(days=1), clock.now()) is not None
+        clock.advance(timedelta(hours=2))
+        assert await runner.run_due() == 30
+        assert await runner.run_due() == 0
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+    assert store.scans == {"conversations": 0, "leased": 1}  # the leased rows, once; never every row
+
+
+def _finished_pid() -> int:
+    """The pid of a process of ours that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

@@ -224,6 +224,13 @@ class MixesUpLogs(MemoryStore):
         return dict.fromkeys(conversation_ids, first)
 
 
+class HidesLeases(MemoryStore):
+    """Says no row holds a lease (a runner's first pass would never take over a dead process's)."""
+
+    async def leased(self) -> list[ConversationRow]:
+        return []
+
+
 class CreatesOverExisting(MemoryStore):
     """Replaces a conversation that exists instead of refusing the id."""
 
@@ -247,6 +254,7 @@ class CreatesOverExisting(MemoryStore):
         (CreatesOverExisting, "create() of an id that exists"),
         (IgnoresClaims, "append(claim) while another owner's lease is live"),
         (MixesUpLogs, "load_logs() of a conversation read with others"),
+        (HidesLeases, "leased() after acquire()"),
     ],
 )
 async def test_check_store_fails_a_broken_store(broken: type[MemoryStore], message: str) -> None:

@@ -211,6 +211,11 @@ class Store(Protocol):
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:
         """Every conversation's row, optionally only those in ``state``."""
 
+    async def leased(self) -> list[ConversationRow]:
+        """The rows that hold a lease, live or expired (few: a runner holds one only while it advances the
+        conversation). A runner's first pass looks there for leases left by processes that died, without
+        reading every row."""
+
     async def put_schedule(self, schedule: ScheduleRow) -> None:
         """Insert a schedule; ``ConflictError`` if its id exists."""
 

@@ -97,6 +97,9 @@ class MemoryStore:
     async def conversations(self, state: State | None = None) -> list[ConversationRow]:
         return [row for row in self._rows.values() if state is None or row.state == state]
 
+    async def leased(self) -> list[ConversationRow]:
+        return [row for row in self._rows.values() if row.lease_owner is not None]
+
     async def put_schedule(self, schedule: ScheduleRow) -> None:
         if schedule.id in self._schedules:
             raise ConflictError(schedule.id, 0)

@@ -677,6 +677,14 @@ class MongoStore:
         docs = await self._retry("conversations", lambda: self._rows.find(query).sort("_id", ASCENDING).to_list(None))
         return [_row(doc) for doc in docs]
 
+    async def leased(self) -> list[ConversationRow]:
+        if self._deferred:
+            await self._write_all_deferred()
+        # Along the lease_until index: a row holds a lease exactly when it has a lease_until.
+        query = {"lease_until": {"$ne": None}}
+        docs = await self._retry("leased", lambda: self._rows.find(query).to_list(None))
+        return [_row(doc) for doc in docs]
+
     # -- schedules ---------------------------------------------------------------------
 
     async def put_schedule(self, schedule: ScheduleRow) -> None:

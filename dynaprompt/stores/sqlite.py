@@ -836,6 +836,15 @@ class SQLiteStore:
             rows = self._fetchall(f"SELECT {_COLUMNS} FROM conversations WHERE state = ? ORDER BY id", (state,))
         return [self._row(found) for found in rows]
 
+    async def leased(self) -> list[ConversationRow]:
+        # The first term is the conversations_attention index's own condition (the rows with a lease or a flag),
+        # so the read goes along that index, not through every row.
+        rows = self._fetchall(
+            f"SELECT {_COLUMNS} FROM conversations"
+            " WHERE (needs_advance = 1 OR lease_owner IS NOT NULL) AND lease_owner IS NOT NULL"
+        )
+        return [self._row(found) for found in rows]
+
     async def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.join()

@@ -298,9 +298,12 @@ async def _leases(store: Store) -> None:
     cid = "leased"
     await store.create(_row(cid, state="waiting_for_reply", wake_at=at(900)), [_started()])
 
+    check.equal([row.id for row in await store.leased() if row.id == cid], [], "leased() before acquire()")
     got = await store.acquire(cid, "a", at(30), T0)
     check.row(got, {"lease_owner": "a", "lease_until": at(30), "last_seq": 1, "state": "waiting_for_reply"},
               "acquire() of a free lease")  # fmt: skip
+    check.row(next((row for row in await store.leased() if row.id == cid), None),
+              {"lease_owner": "a", "lease_until": at(30)}, "leased() after acquire()")  # fmt: skip
     check.row(
         await store.get(cid), {"lease_owner": "a", "lease_until": at(30), "wake_at": at(900)}, "get() after acquire()"
     )
@@ -330,6 +333,7 @@ async def _leases(store: Store) -> None:
         await store.get(cid), {"lease_owner": None, "lease_until": None, "last_seq": 1}, "the row after release()"
     )
     check.equal(await store.release(cid, "c", 1), False, "release() of a lease already released")
+    check.equal([row.id for row in await store.leased() if row.id == cid], [], "leased() after release()")
 
     # The log moves while we hold the lease: release at the old end fails, at the new end (or None) succeeds.
     check.true(await store.acquire(cid, "a", at(200), at(60)) is not None, "acquire() of a released lease")
@@ -594,6 +598,7 @@ async def check_store(make_store: StoreFactory) -> None:
     * every event kind survives ``create``/``load`` as a validated event of the
       same kind and value; ``get`` returns the row as written; ``load(after_seq)``;
       ``load_logs`` gives each conversation's whole log, ``[]`` for an unknown id;
+      ``leased`` gives the rows holding a lease;
     * ``append`` writes its events and applies the ``RowUpdate`` (set fields,
       ``clear``, ``last_seq``, ``updated_at``) without touching the lease;
     * a taken sequence number raises ``ConflictError`` and writes nothing (no
