@@ -248,7 +248,7 @@ async def test_a_cold_resume_replays_its_log_with_the_collector_paused_and_resum
     # The events a load builds are freed by the replay before the collector walks them (CollectorHold): the
     # replayed turns run with it paused, and it runs again once the advance has returned, before any write.
     store = await open_store(f"sqlite:///{tmp_path}/bot.db")
-    async with Runner(store, clock=clock) as runner:
+    async with Runner(store, clock=clock, cache_size=16) as runner:  # warm even when the suite runs with the cache off
         await runner.start(collector_watch, "c1")
         for text in ("one", "two", "three"):
             await runner.deliver("c1", text)
