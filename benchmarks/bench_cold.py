@@ -3,8 +3,9 @@
 ``python benchmarks/bench_cold.py`` builds a conversation of ``--events`` events (10,000 by default) with
 ``bench_core``'s dialog on a SQLite file (and on ``memory://``), then times ``--repeats`` cold resumes: a new
 store object and a new runner with ``cache_size=0`` deliver one reply (load, validate every event, replay,
-append, hand off). It prints the median wall-clock and process CPU time, and the median of each stage timed
-alone (the SQL read, the validation, the replay). ``--ab OTHER_TREE`` runs the same script alternately
+append, hand off). It prints the median wall-clock and process CPU time, the wall time the cyclic garbage
+collector's passes took within it (``gc.callbacks``), and the median of each stage timed alone (the SQL
+read, the validation, the replay). ``--ab OTHER_TREE`` runs the same script alternately
 against this tree and another checkout (one subprocess each, interleaved, so both see the same load) and
 prints the two side by side.
 
@@ -40,6 +41,29 @@ async def build(url: str, cid: str, size: int) -> None:
     await store.close()
 
 
+class CollectorClock:
+    """Time spent in the cyclic garbage collector's passes (``gc.callbacks``), and how many ran, while active."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self.passes = 0
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._began) * 1000
+            self.passes += 1
+
+    def __enter__(self) -> CollectorClock:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self)
+
+
 def timed(samples: dict[str, list[float]], name: str, began: float, cpu_began: float) -> None:
     samples.setdefault(name, []).append((time.perf_counter() - began) * 1000)
     samples.setdefault(name + " cpu", []).append((time.process_time() - cpu_began) * 1000)
@@ -56,9 +80,12 @@ async def measure(url: str, cid: str, repeats: int) -> dict[str, float]:
         store = shared or await open_store(url)
         gc.collect()
         began, cpu = time.perf_counter(), time.process_time()
-        async with Runner(store, CountingChannel(), cache_size=0) as cold:
-            await cold.deliver(cid, "cold")
+        with CollectorClock() as collector:
+            async with Runner(store, CountingChannel(), cache_size=0) as cold:
+                await cold.deliver(cid, "cold")
         timed(samples, "cold deliver", began, cpu)
+        samples.setdefault("  of which the garbage collector's passes", []).append(collector.ms)
+        samples.setdefault("  garbage collector's passes (count)", []).append(collector.passes)
         if shared is None:
             await store.close()
         store = shared or await open_store(url)

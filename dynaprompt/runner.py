@@ -45,7 +45,18 @@ from dynaprompt.errors import (
     StoreError,
     UnknownConversationError,
 )
-from dynaprompt.events import INPUT_KINDS, Delivered, ErrorInfo, Event, Failed, ReplyReceived, Sent, Started, build
+from dynaprompt.events import (
+    INPUT_KINDS,
+    CollectorHold,
+    Delivered,
+    ErrorInfo,
+    Event,
+    Failed,
+    ReplyReceived,
+    Sent,
+    Started,
+    build,
+)
 from dynaprompt.models import Message, Schedule, Status, TranscriptEntry
 from dynaprompt.replay import Execution, message_id, to_json
 from dynaprompt.stores.base import Claim, ConversationRow, RowUpdate, Store
@@ -309,12 +320,18 @@ class Runner:
                 if leased.state in _ENDED and not leased.parked:
                     await self.store.release(conversation_id, self.owner, None)
                     raise ConversationEndedError(conversation_id, leased.state)
+                # A log loaded here leaves the collector paused until the advance has replayed it and dropped
+                # what it read (see CollectorHold): its events are freed without the collector walking them.
+                hold = CollectorHold()
                 try:
-                    execution = await self._execution(leased)
+                    with hold.loading():
+                        execution = await self._execution(leased)
                 except BaseException:
+                    hold.resume()
                     await self._abandon(conversation_id)
                     raise
                 if execution.ended and not leased.parked:
+                    hold.resume()
                     await self._release(conversation_id, execution)
                     if recorded is not None:
                         return await self.status(conversation_id)
@@ -322,7 +339,7 @@ class Runner:
                 if recorded is None:
                     reply = execution.input_reply(text, json_metadata, now)
                 try:
-                    return await self._advance_and_release(conversation_id, execution, leased)
+                    return await self._advance_and_release(conversation_id, execution, leased, hold=hold)
                 except ConflictError:
                     # The advance may have appended our reply before it lost the race (it flushes before a
                     # call): then the retry must advance the log as it is, never record the reply again.
@@ -696,9 +713,10 @@ class Runner:
         row: ConversationRow | None = None,
         *,
         claim: Claim | None = None,
+        hold: CollectorHold | None = None,
     ) -> Status:
         """Advance, append, hand off, and release the lease (see ``_advance_released``); the status after."""
-        written = await self._advance_released(conversation_id, execution, row, claim=claim)
+        written = await self._advance_released(conversation_id, execution, row, claim=claim, hold=hold)
         return _status(written) if written is not None else await self.status(conversation_id)
 
     async def _advance_released(
@@ -708,16 +726,18 @@ class Runner:
         row: ConversationRow | None = None,
         *,
         claim: Claim | None = None,
+        hold: CollectorHold | None = None,
     ) -> ConversationRow | None:
         """Advance, append, hand off, and release the lease; go again if input arrived meanwhile. With
-        ``claim``, the lease is not held yet: the advance's first append takes it. The row the release was
-        written with, if it went with the last append, else None. (A timer's advance wants no status: building
-        one, or reading the row for it, was a wake-up's work for nothing.)"""
+        ``claim``, the lease is not held yet: the advance's first append takes it; ``hold`` is resumed once the
+        first advance has run. The row the release was written with, if it went with the last append, else None.
+        (A timer's advance wants no status: building one, or reading the row for it, was a wake-up's work for
+        nothing.)"""
         stale = row is not None and (row.parked or row.needs_advance or row.state != execution.state)
         try:
             while True:
-                written = await self._advance(conversation_id, execution, stale, claim)
-                claim = None
+                written = await self._advance(conversation_id, execution, stale, claim, hold)
+                claim, hold = None, None
                 if written is not None and written.lease_owner is None:
                     break  # the advance's last append dropped the lease with it
                 written = None
@@ -730,6 +750,8 @@ class Runner:
                 stale = True
                 execution.extend(await self.store.load(conversation_id, execution.last_seq))
         except BaseException:
+            if hold is not None:
+                hold.resume()
             await self._abandon(conversation_id, execution)
             raise
         self._keep(conversation_id, execution)
@@ -757,15 +779,26 @@ class Runner:
         return await self.store.release(conversation_id, self.owner, execution.last_seq)
 
     async def _advance(
-        self, conversation_id: str, execution: Execution, row_stale: bool, claim: Claim | None = None
+        self,
+        conversation_id: str,
+        execution: Execution,
+        row_stale: bool,
+        claim: Claim | None = None,
+        hold: CollectorHold | None = None,
     ) -> ConversationRow | None:
         """Drive the execution until it blocks, appending and handing off as it goes; the row of the last append
         if that append also released our lease, else None (the caller releases). ``claim`` goes with the first
-        append (which then always writes, events or not)."""
+        append (which then always writes, events or not); ``hold`` is resumed as soon as the first advance, which
+        drops the log it read, has returned (before any write)."""
         now = self.clock.now()
         while True:
             try:
-                outcome = await execution.advance(now)
+                try:
+                    outcome = await execution.advance(now)
+                finally:
+                    if hold is not None:
+                        hold.resume()
+                        hold = None
             except NondeterminismError as exc:
                 inputs = [e for e in execution.take_new_events() if e.kind in INPUT_KINDS]
                 update = RowUpdate(

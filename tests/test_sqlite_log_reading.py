@@ -7,11 +7,13 @@ that is not one event, a body at the wrong row, a missing row) is read again row
 
 from __future__ import annotations
 
+import gc
 import json
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,3 +228,59 @@ async def test_logs_read_together_come_out_as_each_reads_alone_and_a_damaged_one
     with pytest.raises(CorruptEventError) as failure:
         await store.load_logs(["nobody", "c1"])
     assert (failure.value.conversation_id, failure.value.seq) == ("c1", 4)
+
+
+collector_seen: list[bool] = []
+
+
+@dialog(name="tests:collector_watch")
+def collector_watch():  # type: ignore[no-untyped-def]
+    """Notes, at each turn, whether the cyclic garbage collector runs while its code does."""
+    while True:
+        reply = yield wait_for_reply()
+        collector_seen.append(gc.isenabled())
+        yield send(f"echo {reply.text}")
+
+
+async def test_a_cold_resume_replays_its_log_with_the_collector_paused_and_resumes_it_before_writing(
+    tmp_path: Path, clock: VirtualClock
+) -> None:
+    # The events a load builds are freed by the replay before the collector walks them (CollectorHold): the
+    # replayed turns run with it paused, and it runs again once the advance has returned, before any write.
+    store = await open_store(f"sqlite:///{tmp_path}/bot.db")
+    async with Runner(store, clock=clock, cache_size=16) as runner:  # warm even when the suite runs with the cache off
+        await runner.start(collector_watch, "c1")
+        for text in ("one", "two", "three"):
+            await runner.deliver("c1", text)
+    assert collector_seen == [True, True, True]  # warm turns: nothing loaded, nothing paused
+    collector_seen.clear()
+    enabled_at_write: list[bool] = []
+    append = store.append
+
+    async def watched_append(*args: Any, **kwargs: Any) -> Any:
+        enabled_at_write.append(gc.isenabled())
+        return await append(*args, **kwargs)
+
+    store.append = watched_append  # type: ignore[method-assign]
+    channel = ListChannel()
+    async with Runner(store, channel, clock=clock, cache_size=0) as cold:
+        await cold.deliver("c1", "four")
+    assert collector_seen == [False, False, False, False]  # three replayed turns and the new one
+    assert enabled_at_write
+    assert all(enabled_at_write)
+    assert gc.isenabled()
+    assert [message.text for message in channel.messages] == ["echo four"]
+    await store.close()
+
+
+async def test_the_collector_runs_again_when_a_cold_resume_fails(
+    logged: tuple[SQLiteStore, sqlite3.Connection], clock: VirtualClock
+) -> None:
+    store, database = logged
+    ten = body(database, 10)
+    set_body(database, 10, body(database, 9))
+    set_body(database, 9, ten)  # validated at once, then found out of order: read again row by row, named
+    async with Runner(store, clock=clock, cache_size=0) as runner:
+        with pytest.raises(CorruptEventError, match=r"'c1'.*seq 9"):
+            await runner.deliver("c1", "three")
+    assert gc.isenabled()
