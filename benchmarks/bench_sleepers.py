@@ -172,6 +172,8 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"cache_size": args.cache_size}
     if args.due_concurrency:
         options["due_concurrency"] = result["due_concurrency"] = int(args.due_concurrency)
+    if args.pass_interval:
+        options["pass_interval"] = float(args.pass_interval)
     try:
         if args.trace:
             tracemalloc.start()
@@ -179,6 +181,7 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
         channel = StopwatchChannel(args.n, clock)
         async with Runner(store, channel, clock=clock, **options) as runner:
             result.setdefault("due_concurrency", getattr(runner, "due_concurrency", 1))  # 1: one after another
+            result["pass_interval_ms"] = getattr(runner, "pass_interval", 0.0) * 1000  # 0: passes back to back
             # Due a day from now; once all sleep, the clock is moved so the first is due --margin seconds later.
             first_at = clock.now() + timedelta(days=1)
             plan = plan_sleepers(args.n, first_at, args.spread)
@@ -268,7 +271,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         "woken by Runner.serve() on the system clock",
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; lateness = hand-off wall time - requested instant",
         "",
-        f"{'store':<7}{'cache':>6}{'conc':>5}{'setup s':>9}{'woken':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        f"{'store':<7}{'cache':>6}{'conc':>5}{'pass ms':>8}{'setup s':>9}{'woken':>8}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
         f"{'cpu ms/wake':>12}{'wakes/cpu s':>12}{'commits/wake':>13}{'load':>6}  verdict",
     ]
     for run in runs:
@@ -286,7 +290,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
                 verdict += f"; {run['early']} EARLY"
         lines.append(
             f"{run['store']:<7}{run['cache_size']:>6}{run.get('due_concurrency', 1):>5}"
-            f"{run['setup_seconds']:>9.1f}{run.get('woken', 0):>8}"
+            f"{run.get('pass_interval_ms', 0.0):>8g}{run['setup_seconds']:>9.1f}{run.get('woken', 0):>8}"
             f"{late.get('p50', float('nan')):>9.1f}{late.get('p99', float('nan')):>9.1f}"
             f"{late.get('max', float('nan')):>9.1f}{run.get('cpu_ms_per_wake', float('nan')):>12.3f}"
             f"{1000 / run.get('cpu_ms_per_wake', float('nan')):>12.0f}"
@@ -351,6 +355,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--due-concurrency", default="",
         help="Runner(due_concurrency=...) values to run, comma-separated, e.g. 1,64 (default: the runner's default)",
     )  # fmt: skip
+    parser.add_argument(
+        "--pass-interval", default="",
+        help="Runner(pass_interval=...) values in seconds, comma-separated, e.g. 0,0.005 (default: the runner's)",
+    )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the traced memory runs")
     parser.add_argument("--no-burst", action="store_true", help="skip the all-due-at-once run_due() runs")
     parser.add_argument("--dir", default=None, help="where the SQLite files go (default: a temporary folder)")
@@ -379,8 +387,16 @@ def main(argv: list[str] | None = None) -> None:
                 if args.mongo_uri:
                     common += ["--mongo-uri", args.mongo_uri]
                 timed = [
-                    run_child([*common, "--n", str(args.n), *(["--due-concurrency", size] if size else [])])
+                    run_child(
+                        [
+                            *common,
+                            *["--n", str(args.n)],
+                            *(["--due-concurrency", size] if size else []),
+                            *(["--pass-interval", interval] if interval else []),
+                        ]
+                    )
                     for size in args.due_concurrency.split(",")
+                    for interval in args.pass_interval.split(",")
                 ]
                 runs += timed
                 if not args.no_burst:

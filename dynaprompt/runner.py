@@ -98,6 +98,13 @@ class Runner:
       from the store at a time (256).
     * ``due_concurrency``: how many due conversations ``run_due`` advances at
       once (64); their writes share transactions where the store batches them.
+    * ``pass_interval``: the shortest time, in seconds, between the starts of
+      two passes of ``serve()`` (0.005). Wake-ups that fall due within it of
+      each other are fired together, in one pass whose writes share
+      transactions, instead of one pass each: a wake-up may come up to that
+      much later, and a runner woken thousands of times a second spends about
+      a quarter less CPU on each (see the docs on timers). Passes further apart
+      than this are not delayed at all; 0 runs each pass as soon as it is due.
 
     The runner never closes a store it was given.
     """
@@ -115,6 +122,7 @@ class Runner:
         poll_interval: float = 1.0,
         due_batch: int = 256,
         due_concurrency: int = 64,
+        pass_interval: float = 0.005,
         schedule_overlap: str = "skip",
         schedule_missed: str = "run_late",
         schedule_grace: timedelta | float = timedelta(hours=1),
@@ -133,6 +141,9 @@ class Runner:
         if due_concurrency < 1:
             raise InvalidInputError(f"due_concurrency must be at least 1, not {due_concurrency!r}")
         self.due_concurrency = due_concurrency
+        if not pass_interval >= 0:
+            raise InvalidInputError(f"pass_interval must be a number of seconds >= 0, not {pass_interval!r}")
+        self.pass_interval = pass_interval
         if schedule_overlap not in scheduling.OVERLAP_POLICIES:
             raise ScheduleError(
                 f"schedule_overlap must be one of {', '.join(scheduling.OVERLAP_POLICIES)}, not {schedule_overlap!r}"
@@ -422,6 +433,7 @@ class Runner:
 
     async def _serve(self) -> None:
         failures = 0
+        spacing = timedelta(seconds=self.pass_interval)
         while True:
             self._changed = anyio.Event()
             pass_at = self.clock.now()
@@ -444,6 +456,9 @@ class Runner:
             noted = self._noted_wake
             if noted is not None and (next_at is None or noted < next_at):
                 next_at = noted
+            if next_at is not None and next_at < pass_at + spacing:
+                # Not sooner than pass_interval after this pass began: what falls due meanwhile shares a pass.
+                next_at = pass_at + spacing
             self._serve_until = next_at  # None (nothing planned): any wake-up recorded from now on wakes serve
             if next_at is not None and next_at <= self.clock.now():
                 await anyio.lowlevel.checkpoint()  # fell due during the pass: the next pass, at once

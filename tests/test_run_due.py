@@ -523,6 +523,46 @@ async def test_serve_wakes_early_only_for_a_wake_up_before_the_one_it_sleeps_unt
     assert channel.texts("q1") == ["Still there?", "Bye."]
 
 
+@pytest.mark.parametrize("pass_interval", [0.0, 0.010])
+async def test_serve_fires_wake_ups_close_together_in_one_pass_after_pass_interval(
+    clock: VirtualClock, pass_interval: float
+) -> None:
+    """Sleepers due 0, 2, 4 and 6 ms after an instant T. serve()'s first pass, at T, wakes the first; with a
+    pass_interval of 10 ms the next pass is not before T + 10 ms, and it wakes the other three together (never
+    one early); with 0, each is woken as soon as it is due."""
+    store = await open_store("memory://")
+    channel = ListChannel()
+    due = START + timedelta(hours=1)
+    async with CountsPasses(store, channel, clock=clock, poll_interval=3600, pass_interval=pass_interval) as runner:
+        for index in range(4):
+            await runner.start(sleeper, f"s{index}", (due + timedelta(milliseconds=2 * index)).isoformat())
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.serve)
+            await anyio.wait_all_tasks_blocked()
+            before = runner.passes
+            clock.advance(due - clock.now())
+            await anyio.wait_all_tasks_blocked()
+            assert [m.conversation_id for m in channel.messages] == ["s0"]
+            clock.advance(timedelta(milliseconds=7))  # s1, s2 and s3 are due now
+            await anyio.wait_all_tasks_blocked()
+            woken_by_7ms = [m.conversation_id for m in channel.messages]
+            clock.advance(timedelta(milliseconds=3))  # T + 10 ms
+            await anyio.wait_all_tasks_blocked()
+            group.cancel_scope.cancel()
+    if pass_interval:
+        assert woken_by_7ms == ["s0"]
+        assert runner.passes - before == 2
+    else:
+        assert woken_by_7ms == ["s0", "s1", "s2", "s3"]
+    assert sorted(m.conversation_id for m in channel.messages) == ["s0", "s1", "s2", "s3"]
+
+
+async def test_a_negative_pass_interval_is_refused() -> None:
+    store = await open_store("memory://")
+    with pytest.raises(InvalidInputError, match="pass_interval"):
+        Runner(store, pass_interval=-1)
+
+
 class CountsRowScans(MemoryStore):
     """Counts the reads of every row (conversations()) and of the leased ones (leased())."""
 
