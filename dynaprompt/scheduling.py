@@ -86,7 +86,7 @@ async def create(
         overlap=runner.schedule_overlap, created_at=now,
     )  # fmt: skip
     await runner.store.put_schedule(row)
-    runner._changed.set()
+    runner._wake_serve()
     return row.id
 
 
