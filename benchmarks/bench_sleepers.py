@@ -54,6 +54,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_core import raw_sqlite
+
 from dynaprompt import Message, Runner, dialog, open_store, send, sleep_until
 from dynaprompt.clock import SystemClock
 
@@ -269,11 +273,13 @@ def run_child(argv: list[str]) -> dict[str, Any]:
     return parsed
 
 
-def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
+def report(args: argparse.Namespace, runs: list[dict[str, Any]], yardstick: list[float]) -> str:
     lines = [
         f"dynaprompt sleepers: {args.n} conversations asleep, due evenly over {args.spread:g} s, "
         "woken by Runner.serve() on the system clock",
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; lateness = hand-off wall time - requested instant",
+        "the machine's speed, before / after the runs: raw sqlite3 commits per second (bench_core's yardstick) "
+        + " / ".join(f"{rate:,.0f}" for rate in yardstick),
         "",
         f"{'store':<7}{'cache':>6}{'conc':>5}{'pass ms':>8}{'gc':>8}{'setup s':>9}{'woken':>8}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
@@ -380,6 +386,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def machine_speed() -> float:
+    """Plain sqlite3 commits per second for one second, in a folder of its own (bench_core's yardstick)."""
+    with tempfile.TemporaryDirectory(prefix="dynaprompt-yardstick-") as folder:
+        return raw_sqlite(Path(folder), "NORMAL", 1.0, 1_000_000)[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.child:
@@ -389,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.dir or scratch
         stores = ["sqlite"] + (["mongo"] if args.mongo_uri else [])
         runs: list[dict[str, Any]] = []
+        # How fast this machine is now (a shared machine's speed moves with its neighbours' load): one second of
+        # plain sqlite3 commits before the runs and one after, as bench_core measures its yardstick.
+        yardstick = [machine_speed()]
         for kind in stores:
             for cache_size in [int(size) for size in args.cache.split(",")]:
                 common = ["--store", kind, "--cache-size", str(cache_size), "--dir", str(folder)]
@@ -418,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     runs.append(run_child([*common, "--n", "0"]))
                     runs.append({**timed[0], "trace": True})
-    print(report(args, runs))
+    yardstick.append(machine_speed())
+    print(report(args, runs, yardstick))
     if args.json:
         print(json.dumps(runs, indent=2))
 

@@ -22,6 +22,7 @@ def test_the_sleepers_benchmark_wakes_every_sleeper_and_prints_its_table(tmp_pat
     table, _, raw = printed.partition("\n[")
     assert "dynaprompt sleepers: 20 conversations asleep" in table
     assert "p50 ms" in table
+    assert "raw sqlite3 commits per second (bench_core's yardstick)" in table
     assert "memory while they sleep" in table
     assert "due at once, one run_due()" in table
     runs = json.loads("[" + raw)
