@@ -295,7 +295,11 @@ async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[s
     events = database.get_collection("events", write_concern=journaled)
     rows = database.get_collection("conversations", write_concern=journaled)
     plain_rows = database.get_collection("conversations")
-    for collection in (plain, events, rows):
+    # Leaner layouts, for comparison only (the store does not use them): events whose _id is their key, with no
+    # secondary index, and a conversation document with no secondary index.
+    keyed = database.get_collection("events_keyed", write_concern=journaled)
+    bare_rows = database.get_collection("conversations_bare")
+    for collection in (plain, events, rows, keyed, bare_rows):
         await collection.drop()
     for collection in (plain, events):
         await collection.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
@@ -304,7 +308,11 @@ async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[s
                            "last_seq": 0, "run": 1, "run_seq": 1, "result": None, "error": None, "parked": False,
                            "needs_advance": False, "lease_owner": None, "lease_until": None, "updated_at": 0,
                            "tz": "UTC"})  # fmt: skip
+    await bare_rows.insert_one({"_id": "c", "last_seq": 0, "lease_owner": None, "lease_until": None})
     counter = iter(range(1, 10**9))
+
+    def keyed_events_of(size: int) -> list[dict[str, Any]]:
+        return [{**event, "_id": f"c\x1f{event['seq']:012d}"} for event in events_of(size)]
 
     def events_of(size: int) -> list[dict[str, Any]]:
         return [{**SENT, "conversation_id": "c", "seq": next(counter)} for _ in range(size)]
@@ -325,6 +333,10 @@ async def write_costs(uri: str, rounds: int, per_round: int) -> dict[str, dict[s
         ),
         "find_one_and_update, j=true": lambda: rows.find_one_and_update(
             row_filter(), {"$set": {"lease_owner": "me", "n": next(counter)}}, return_document=ReturnDocument.AFTER
+        ),
+        "(leaner) insert_many of 4, j=true, _id as key": lambda: keyed.insert_many(keyed_events_of(4), ordered=True),
+        "(leaner) update_one, no secondary index": lambda: bare_rows.update_one(
+            {"_id": "c"}, {"$set": {"lease_owner": "me", "n": next(counter)}}
         ),
     }
     for call in kinds.values():  # warm the connection and the server

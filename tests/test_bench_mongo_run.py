@@ -24,6 +24,8 @@ def test_mongo_benchmark_prints_every_figure(mongodb_uri: str) -> None:
         "what a write costs",
         "insert_one j=true (store's)",
         "find_one_and_update, j=true",
+        "(leaner) insert_many of 4, j=true, _id as key",
+        "(leaner) update_one, no secondary index",
         "driver writes per turn 4.00",
         "with a row update between the inserts",
         "the runner and the store add",
