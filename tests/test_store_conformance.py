@@ -172,6 +172,18 @@ class ListsLeasedAsDue(MemoryStore):
         return [row.id for row in rows][:limit]
 
 
+class TakesLeasesInBulkRegardless(MemoryStore):
+    """Takes every lease it is asked for in bulk, live ones too: two runners would advance one conversation."""
+
+    async def acquire_many(self, conversation_ids: list[str], owner: str, until: datetime, now: datetime) -> list[str]:
+        taken = [conversation_id for conversation_id in conversation_ids if conversation_id in self._rows]
+        for conversation_id in taken:
+            self._rows[conversation_id] = self._rows[conversation_id].model_copy(
+                update={"lease_owner": owner, "lease_until": until}
+            )
+        return taken
+
+
 class StealsLiveLeases(MemoryStore):
     """Takes a lease whoever holds it."""
 
@@ -249,6 +261,7 @@ class CreatesOverExisting(MemoryStore):
         (ReleasesWhateverTheLog, "release() when the log does not end at last_seq"),
         (ListsLeasedAsDue, "the ids due() returns"),
         (StealsLiveLeases, "acquire() of a lease another owner holds"),
+        (TakesLeasesInBulkRegardless, "the ids taken (free or expired at now"),
         (ReturnsUnvalidatedEvents, "not a validated"),
         (ForgetsClear, "RowUpdate.clear"),
         (CreatesOverExisting, "create() of an id that exists"),

@@ -198,6 +198,16 @@ class Store(Protocol):
     ) -> ConversationRow | None:
         """Take the lease if it is free, expired, ours, or held by ``steal_from``; the row, or None."""
 
+    async def acquire_many(self, conversation_ids: list[str], owner: str, until: datetime, now: datetime) -> list[str]:
+        """Take the lease of each of these conversations whose lease is free or expired at ``now`` (not a live
+        one, ours included), all in one write where the store can; the ids taken, in the order given.
+
+        ``run_due`` claims what ``due`` found before it reads any log, so runners sharing a store split the due
+        work between them instead of each replaying every due conversation and all but one losing the claim.
+        An unknown id is not taken. A store may report an id it did not take this time if ``owner`` already
+        held it until exactly ``until`` (the runner's own work on it is serialised with the fire it claims for).
+        """
+
     async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
         """Drop our lease if the log still ends at ``last_seq`` (None: wherever); False if it moved or was not ours."""
 

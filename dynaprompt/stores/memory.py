@@ -76,6 +76,16 @@ class MemoryStore:
         self._rows[conversation_id] = row.model_copy(update={"lease_owner": None, "lease_until": None})
         return True
 
+    async def acquire_many(self, conversation_ids: list[str], owner: str, until: datetime, now: datetime) -> list[str]:
+        taken: list[str] = []
+        for conversation_id in conversation_ids:
+            row = self._rows.get(conversation_id)
+            if row is None or (row.lease_owner is not None and (row.lease_until is None or row.lease_until > now)):
+                continue
+            self._rows[conversation_id] = row.model_copy(update={"lease_owner": owner, "lease_until": until})
+            taken.append(conversation_id)
+        return taken
+
     async def due(self, now: datetime, limit: int) -> list[str]:
         def wanted(row: ConversationRow) -> bool:
             leased = row.lease_owner is not None and row.lease_until is not None and row.lease_until > now

@@ -166,6 +166,7 @@ class MongoStore:
         self._schedules = database.get_collection("schedules", write_concern=concern)
         self._indexed = False
         self._seen: OrderedDict[str, ConversationRow] = OrderedDict()
+        self._claimed_ahead: OrderedDict[str, str] = OrderedDict()  # taken by acquire_many: id -> owner
         self._deferred: dict[str, _Deferred] = {}  # row writes put off to the conversation's next write
 
     @classmethod
@@ -527,10 +528,16 @@ class MongoStore:
         taken = {"$set": {"lease_owner": claim.owner, "lease_until": _us(claim.until)}}
         # update_one, not find_one_and_update: the filter says all the runner needs to know. Retried after a
         # network failure, a claim that did land still matches (the lease is then ours), so it is idempotent.
-        claimed = await self._retry("append", lambda: self._rows_unjournaled.update_one(query, taken))
-        if claimed.matched_count != 1:
-            claimed = await self._retry("append", lambda: self._rows_unjournaled.update_one(ours, taken))
         seen = self._seen.get(conversation_id)
+        # Our own lease first when acquire_many took it (run_due claims what it wakes before replaying it).
+        tries = (ours, query) if self._claimed_ahead.pop(conversation_id, None) == claim.owner else (query, ours)
+        for attempt in tries:
+            claimed = await self._retry(
+                "append",
+                lambda attempt=attempt: self._rows_unjournaled.update_one(attempt, taken),  # type: ignore[misc]
+            )
+            if claimed.matched_count == 1:
+                break
         if claimed.matched_count != 1:
             self._seen.pop(conversation_id, None)
             raise ConflictError(conversation_id, seq)
@@ -602,6 +609,34 @@ class MongoStore:
             if found is not None:
                 break
         return None if found is None else self._saw(_row(found))
+
+    async def acquire_many(self, conversation_ids: list[str], owner: str, until: datetime, now: datetime) -> list[str]:
+        if not conversation_ids:
+            return []
+        for conversation_id in conversation_ids:
+            if conversation_id in self._deferred:
+                await self._write_deferred(conversation_id)
+        # Two commands for the lot: take what is free, then read which of them are ours until ``until``. An
+        # update_many retried after it landed takes nothing more and the read still finds them ours.
+        ids = {"_id": {"$in": conversation_ids}}
+        until_us = _us(until)
+        await self._retry(
+            "acquire_many",
+            lambda: self._rows.update_many(
+                {**ids, **_lease_free(_stamp(now))}, {"$set": {"lease_owner": owner, "lease_until": until_us}}
+            ),
+        )
+        docs = await self._retry(
+            "acquire_many",
+            lambda: self._rows.find({**ids, "lease_owner": owner, "lease_until": until_us}, {"_id": 1}).to_list(None),
+        )
+        taken = {doc["_id"] for doc in docs}
+        for conversation_id in taken:
+            self._seen.pop(conversation_id, None)  # its lease changed under what this store saw of it
+            self._claimed_ahead[conversation_id] = owner  # _claim tries our own lease first
+            if len(self._claimed_ahead) > _SEEN_LIMIT:
+                del self._claimed_ahead[next(iter(self._claimed_ahead))]
+        return [conversation_id for conversation_id in conversation_ids if conversation_id in taken]
 
     async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
         if conversation_id in self._deferred:

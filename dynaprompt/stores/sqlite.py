@@ -695,6 +695,26 @@ class SQLiteStore:
         )
         return None if found is None else self._row(found)
 
+    async def acquire_many(self, conversation_ids: list[str], owner: str, until: datetime, now: datetime) -> list[str]:
+        if not conversation_ids:
+            return []
+        # One UPDATE for the lot, in chunks within the oldest SQLite's limit of 999 parameters.
+        chunks = [conversation_ids[start : start + 900] for start in range(0, len(conversation_ids), 900)]
+
+        def run(db: sqlite3.Connection) -> set[str]:
+            taken: set[str] = set()
+            for chunk in chunks:
+                found = db.execute(
+                    "UPDATE conversations SET lease_owner = ?, lease_until = ? WHERE id IN "
+                    f"({','.join('?' * len(chunk))}) AND (lease_owner IS NULL OR lease_until <= ?) RETURNING id",
+                    (owner, _ts(until), *chunk, _ts(now)),
+                ).fetchall()
+                taken.update(row[0] for row in found)
+            return taken
+
+        taken: set[str] = await self._submit(_Write(run, single=len(chunks) == 1))
+        return [conversation_id for conversation_id in conversation_ids if conversation_id in taken]
+
     async def release(self, conversation_id: str, owner: str, last_seq: int | None) -> bool:
         params = (conversation_id, owner, last_seq, last_seq)
         changed: int = await self._submit(

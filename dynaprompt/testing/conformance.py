@@ -377,6 +377,55 @@ async def _leases(store: Store) -> None:
               "the row after a provisional append and the write after it")  # fmt: skip
 
 
+async def _acquire_many(store: Store) -> None:
+    check = _Checker(store, "acquire_many()")
+    rows: dict[str, dict[str, Any]] = {
+        "free": {},
+        "expired": {"lease_owner": "dead", "lease_until": at(99)},
+        "expires-now": {"lease_owner": "dead", "lease_until": at(100)},
+        "held": {"lease_owner": "other", "lease_until": at(101)},
+        "ours-live": {"lease_owner": "a", "lease_until": at(500)},
+        "free-too": {},
+    }
+    for cid, fields in rows.items():
+        await store.create(_row(cid, state="sleeping", wake_at=at(0), **fields), [_started()])
+    asked = ["free-too", "unknown", "held", "expired", "ours-live", "expires-now", "free"]
+    taken = await store.acquire_many(asked, "a", at(130), at(100))
+    check.equal(
+        taken,
+        ["free-too", "expired", "expires-now", "free"],
+        "the ids taken (free or expired at now, in the order asked; not a live lease, ours included)",
+    )
+    for cid in taken:
+        check.row(await store.get(cid), {"lease_owner": "a", "lease_until": at(130), "last_seq": 1, "wake_at": at(0)},
+                  f"the row of {cid!r} after acquire_many() took it")  # fmt: skip
+    check.row(await store.get("held"), {"lease_owner": "other", "lease_until": at(101)}, "a live lease not taken")
+    check.row(await store.get("ours-live"), {"lease_owner": "a", "lease_until": at(500)}, "our live lease untouched")
+    check.equal(await store.get("unknown"), None, "an unknown id after acquire_many() (nothing may be created)")
+    check.equal(await store.acquire_many(asked, "b", at(160), at(100)), [], "acquire_many() of live leases")
+    check.equal(await store.acquire_many([], "b", at(160), at(110)), [], "acquire_many([])")
+    check.true("free" not in await store.due(at(110), 100), "due() lists a conversation acquire_many() took")
+    check.equal(await store.release("free", "a", None), True, "release() of a lease acquire_many() took")
+
+    # Runners claiming the same due ids at once: each id goes to exactly one of them.
+    many = [f"raced-{n}" for n in range(12)]
+    for cid in many:
+        await store.create(_row(cid, state="sleeping", wake_at=at(0)), [_started()])
+    won: dict[str, list[str]] = {}
+
+    async def claim_as(owner: str, order: list[str]) -> None:
+        won[owner] = await store.acquire_many(order, owner, at(200), at(150))
+
+    async with anyio.create_task_group() as group:
+        for runner in range(6):
+            group.start_soon(claim_as, f"runner-{runner}", many[runner:] + many[:runner])
+    every = [cid for ids in won.values() for cid in ids]
+    check.equal(sorted(every), sorted(many), f"ids taken by 6 concurrent acquire_many() calls ({won})")
+    for owner, ids in won.items():
+        for cid in ids:
+            check.row(await store.get(cid), {"lease_owner": owner}, f"the lease of {cid!r} taken by {owner}")
+
+
 async def _claims(store: Store) -> None:
     check = _Checker(store, "append() with RowUpdate(claim=...)")
     cid = "claimed"
@@ -581,6 +630,7 @@ _GROUPS: tuple[Callable[[Store], Awaitable[None]], ...] = (
     _append,
     _leases,
     _due,
+    _acquire_many,
     _conversations,
     _races,
     _schedules,
@@ -607,6 +657,8 @@ async def check_store(make_store: StoreFactory) -> None:
       held by another is not; ``release`` checks the owner and ``last_seq``
       (``None``: unconditional); ``RowUpdate.release_owner`` never drops
       another owner's lease, and ``append`` returns the lease as stored;
+    * ``acquire_many``: takes the free and expired leases of the ids given (never a live one, ours included,
+      nor an unknown id), returns them in the order given; concurrent calls split the ids between them;
     * ``RowUpdate.claim``: the append happens, taking the lease, only while the
       row is as claimed (last_seq, run, not parked or flagged, lease free, ours
       or expired); otherwise ``ConflictError`` and nothing written;
