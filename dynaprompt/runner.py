@@ -374,15 +374,21 @@ class Runner:
         now = self.clock.now()
         await scheduling.fire_due(self, now)
         failure: Exception | None = None
-        async with anyio.create_task_group() as group:
-            pool = _FirePool(group, self.due_concurrency, self._fire_alone, self._logs_of)
-            try:
-                await self._queue_due(pool, now)
-            except Exception as exc:  # the store failed us: what was handed out still finishes, then it is raised
-                failure = exc
+        pool: _FirePool | None = None
+        try:
+            async with anyio.create_task_group() as group:
+                pool = _FirePool(group, self.due_concurrency, self._fire_alone, self._logs_of)
+                try:
+                    await self._queue_due(pool, now)
+                except Exception as exc:  # the store failed us: what was handed out still finishes, then raised
+                    failure = exc
+        finally:
+            if pool is not None:
+                await self._release_unfired(pool.unfired())
         if failure is not None:
             raise failure
-        return len(pool.seen)
+        assert pool is not None
+        return pool.fired
 
     async def _queue_due(self, pool: _FirePool, now: datetime) -> None:
         """Hand ``pool`` everything due at ``now``, a batch at a time, soonest first."""
@@ -403,17 +409,38 @@ class Runner:
             await pool.taken()  # the next batch once the workers have taken this one
             limit = self.due_batch + still_due
             found = await self.store.due(now, limit)
-            added = pool.add(found, "advanced")
+            # Claimed before any log is read: runners sharing the store split what is due instead of each
+            # replaying all of it for all but one to lose the claim. One write for the batch; what another
+            # runner took meanwhile is skipped (it is being advanced).
+            fresh = [conversation_id for conversation_id in found if conversation_id not in pool.seen]
+            taken = await self.store.acquire_many(fresh, self.owner, now + self.lease, now) if fresh else []
+            added = pool.add(found, "advanced", claimed=taken)
             if len(found) < limit:
                 return  # that was everything due at ``now``
             # None new: every row read was seen, so read past them all next time (the limit grows each time
             # round, so this ends).
             still_due = len(found) - added if added else len(found)
 
-    async def _fire_alone(self, conversation_id: str, action: str, events: list[Event] | None) -> None:
-        """``_fire`` one conversation of a ``run_due`` pass; its failure is its own (logged)."""
+    async def _release_unfired(self, conversation_ids: list[str]) -> None:
+        """Drop the leases ``run_due`` claimed for conversations it did not get to (it was cancelled or failed),
+        even while being cancelled. One this runner is advancing meanwhile (a ``deliver``) keeps its lease: that
+        advance releases it."""
+        with anyio.CancelScope(shield=True):
+            for conversation_id in conversation_ids:
+                if conversation_id in self._locks:
+                    continue
+                try:
+                    await self.store.release(conversation_id, self.owner, None)
+                except Exception:  # the lease then expires on its own
+                    log.warning("could not release the lease on %r", conversation_id, exc_info=True)
+
+    async def _fire_alone(
+        self, conversation_id: str, action: str, events: list[Event] | None, claimed: bool = False
+    ) -> None:
+        """``_fire`` one conversation of a ``run_due`` pass (``claimed``: its lease taken already); its failure is
+        its own (logged)."""
         try:
-            await self._fire(conversation_id, events)
+            await self._fire(conversation_id, events, claimed=claimed)
         except NondeterminismError as exc:
             log.error("parked: %s", exc)
         except Exception:
@@ -623,53 +650,64 @@ class Runner:
             log.debug("could not read %d logs together; each is read alone", len(cold), exc_info=True)
             return {}
 
-    async def _fire(self, conversation_id: str, events: list[Event] | None = None) -> None:
-        """Advance a due conversation as far as it goes; ``events``: its whole log, if already read."""
+    async def _fire(self, conversation_id: str, events: list[Event] | None = None, *, claimed: bool = False) -> None:
+        """Advance a due conversation as far as it goes; ``events``: its whole log, if already read; ``claimed``:
+        its lease was taken for this (``run_due``), and is dropped if this fails before an advance takes over."""
         async with self._lock(conversation_id):
-            now = self.clock.now()
-            cached = self._cache.pop(conversation_id, None)
-            if cached is not None:
-                # Warm, as in deliver(): advance first, and let the first append take the lease if nothing moved.
-                try:
-                    await self._advance_released(conversation_id, cached, claim=self._claim(cached, now))
-                    return
-                except ConflictError:
-                    now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
-            else:
-                # Cold: replay the log read without the lease, and let the first append take the lease if the
-                # row still ends where that log does (see Claim): no separate claim, one write a wake-up fewer.
-                # Parked, flagged or held by a live runner, or moved meanwhile: nothing is written, and the
-                # claim-first path below takes over.
-                execution = (
-                    await self._replayed(conversation_id) if events is None else _rebuilt(conversation_id, events)
-                )
-                if execution is not None:
-                    try:
-                        await self._advance_released(conversation_id, execution, claim=self._claim(execution, now))
-                        return
-                    except ConflictError:
-                        now = self.clock.now()
-            try:
-                # Due work usually has a free lease: claim it at once, read the row only when that fails (a dead
-                # holder's lease may then be taken over). One statement per wake-up instead of two.
-                leased = await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
-                if leased is None:
-                    row = await self.store.get(conversation_id)
-                    if row is None:
-                        return
-                    leased = await self._acquire(conversation_id, row, now)
-            except anyio.get_cancelled_exc_class():
-                # The claim may have committed as we were cancelled (a store that batches writes commits a
-                # claim whose caller stopped waiting): drop it, or it would hold the conversation until it expires.
-                await self._abandon(conversation_id)
-                raise
-            if leased is None:
+            if not claimed:
+                await self._fire_locked(conversation_id, events)
                 return
             try:
-                await self._advance_leased(conversation_id, leased)
-            except BaseException:  # failed or cancelled: whatever it was, the lease goes now (a no-op if it went)
+                await self._fire_locked(conversation_id, events)
+            except BaseException:
                 await self._abandon(conversation_id)
                 raise
+
+    async def _fire_locked(self, conversation_id: str, events: list[Event] | None) -> None:
+        """``_fire``'s work, holding the conversation's lock."""
+        now = self.clock.now()
+        cached = self._cache.pop(conversation_id, None)
+        if cached is not None:
+            # Warm, as in deliver(): advance first, and let the first append take the lease if nothing moved.
+            try:
+                await self._advance_released(conversation_id, cached, claim=self._claim(cached, now))
+                return
+            except ConflictError:
+                now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
+        else:
+            # Cold: replay the log (read before the lease was taken, if it was: run_due claims a batch and then
+            # reads their logs together), and let the first append take the lease, or keep ours, if the row
+            # still ends where that log does (see Claim): no claim of its own, one write a wake-up fewer.
+            # Parked, flagged or held by a live runner, or moved meanwhile: nothing is written, and the
+            # claim-first path below takes over.
+            execution = await self._replayed(conversation_id) if events is None else _rebuilt(conversation_id, events)
+            if execution is not None:
+                try:
+                    await self._advance_released(conversation_id, execution, claim=self._claim(execution, now))
+                    return
+                except ConflictError:
+                    now = self.clock.now()
+        try:
+            # Due work usually has a free lease: claim it at once, read the row only when that fails (a dead
+            # holder's lease may then be taken over). One statement per wake-up instead of two.
+            leased = await self.store.acquire(conversation_id, self.owner, now + self.lease, now)
+            if leased is None:
+                row = await self.store.get(conversation_id)
+                if row is None:
+                    return
+                leased = await self._acquire(conversation_id, row, now)
+        except anyio.get_cancelled_exc_class():
+            # The claim may have committed as we were cancelled (a store that batches writes commits a
+            # claim whose caller stopped waiting): drop it, or it would hold the conversation until it expires.
+            await self._abandon(conversation_id)
+            raise
+        if leased is None:
+            return
+        try:
+            await self._advance_leased(conversation_id, leased)
+        except BaseException:  # failed or cancelled: whatever it was, the lease goes now (a no-op if it went)
+            await self._abandon(conversation_id)
+            raise
 
     async def _advance_leased(self, conversation_id: str, leased: ConversationRow) -> None:
         """``_fire``'s work once it holds the lease: advance the conversation and release it."""
@@ -1047,38 +1085,52 @@ class _FirePool:
     them; each takes the next conversation as soon as it is done with one (a slow one holds up only itself).
     """
 
-    __slots__ = ("_fire", "_group", "_load", "_loading", "_logs", "_queue", "_size", "_taken", "_workers", "seen")
+    __slots__ = (
+        "_dropped", "_fire", "_group", "_load", "_loading", "_logs", "_queue", "_size", "_taken", "_workers", "fired",
+        "seen",
+    )  # fmt: skip
 
     def __init__(
         self,
         group: anyio.abc.TaskGroup,
         size: int,
-        fire: Callable[[str, str, list[Event] | None], Awaitable[None]],
+        fire: Callable[[str, str, list[Event] | None, bool], Awaitable[None]],
         load: Callable[[list[str]], Awaitable[dict[str, list[Event]]]],
     ) -> None:
         self._group = group
         self._size = size
-        # (conversation id, what to call the work in a log line, its log if read already); never raises
+        # (conversation id, what to call the work in a log line, its log if read already, claimed); never raises
         self._fire = fire
         self._load = load  # the logs of these conversations, read together (those it leaves out are read alone)
-        self._queue: deque[tuple[str, str]] = deque()
+        self._queue: deque[tuple[str, str, bool]] = deque()  # (id, action, its lease claimed for it)
         self._logs: dict[str, list[Event]] = {}  # read together, not yet taken by a worker
         self._loading: dict[str, anyio.Event] = {}  # being read together: set when that read is over
         self._workers = 0
         self._taken: anyio.Event | None = None
         self.seen: set[str] = set()
+        self.fired = 0  # conversations taken by a worker
+        self._dropped: list[str] = []  # claimed, taken by a worker, cancelled before their fire began
 
-    def add(self, conversation_ids: list[str], action: str) -> int:
-        """Queue the ids not seen before, starting workers for them up to ``size``; how many were new."""
+    def add(self, conversation_ids: list[str], action: str, *, claimed: list[str] | None = None) -> int:
+        """Queue the ids not seen before, starting workers for them up to ``size``; how many were new. With
+        ``claimed`` (those whose lease was taken for this pass), only those are queued; the rest are seen."""
         seen, queued = self.seen, len(self._queue)
+        wanted = None if claimed is None else set(claimed)
+        new = 0
         for conversation_id in conversation_ids:
             if conversation_id not in seen:
                 seen.add(conversation_id)
-                self._queue.append((conversation_id, action))
+                new += 1
+                if wanted is None or conversation_id in wanted:
+                    self._queue.append((conversation_id, action, wanted is not None))
         while self._workers < min(self._size, len(self._queue)):
             self._workers += 1
             self._group.start_soon(self._work)
-        return len(self._queue) - queued
+        return new if claimed is not None else len(self._queue) - queued
+
+    def unfired(self) -> list[str]:
+        """The claimed conversations no worker took (the pass was cancelled or failed)."""
+        return self._dropped + [conversation_id for conversation_id, _, claimed in self._queue if claimed]
 
     async def taken(self) -> None:
         """Return once every queued conversation has been taken by a worker."""
@@ -1089,11 +1141,18 @@ class _FirePool:
     async def _work(self) -> None:
         try:
             while self._queue:
-                conversation_id, action = self._queue.popleft()
+                conversation_id, action, claimed = self._queue.popleft()
                 if not self._queue and self._taken is not None:
                     self._taken.set()
                     self._taken = None
-                await self._fire(conversation_id, action, await self._log_of(conversation_id))
+                self.fired += 1
+                try:
+                    events = await self._log_of(conversation_id)
+                except BaseException:
+                    if claimed:  # cancelled before its fire could take care of the lease
+                        self._dropped.append(conversation_id)
+                    raise
+                await self._fire(conversation_id, action, events, claimed)
         finally:
             self._workers -= 1
 
@@ -1108,7 +1167,7 @@ class _FirePool:
             batch = [conversation_id]
             batch += [
                 queued
-                for queued, _ in islice(self._queue, self._size - 1)
+                for queued, _, _ in islice(self._queue, self._size - 1)
                 if queued not in self._logs and queued not in self._loading
             ]
             done = anyio.Event()

@@ -267,8 +267,8 @@ async def test_cancelling_run_due_releases_every_lease_it_holds(clock: VirtualCl
         clock.advance(timedelta(hours=2))
         async with anyio.create_task_group() as group:
             group.start_soon(runner.run_due)
-            await channel.all_stuck.wait()  # four conversations claimed and being advanced
-            assert len([row for row in await store.conversations() if row.lease_owner is not None]) == 4
+            await channel.all_stuck.wait()  # four conversations being advanced, all ten claimed for the pass
+            assert len([row for row in await store.conversations() if row.lease_owner is not None]) == 10
             group.cancel_scope.cancel()
         assert [row.id for row in await store.conversations() if row.lease_owner is not None] == []
         assert channel.messages == []
@@ -390,6 +390,88 @@ async def test_the_logs_of_conversations_woken_together_are_read_together(clock:
     assert sorted(cid for batch in store.read_together for cid in batch) == ids  # each read once
     assert max(len(batch) for batch in store.read_together) == 4  # as many as are advanced at once
     assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+
+
+class PollsTogether(CountsReads):
+    """The first ``due()`` of each of ``readers`` runners returns once all of them have read: they see the same
+    due conversations, as runners polling one store at the same moment do."""
+
+    def __init__(self, readers: int) -> None:
+        super().__init__()
+        self.readers = readers
+        self.all_read = anyio.Event()
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
+        found = await super().due(now, limit)
+        if not self.all_read.is_set():
+            self.readers -= 1
+            if self.readers == 0:
+                self.all_read.set()
+            await self.all_read.wait()
+        return found
+
+
+async def test_runners_that_find_the_same_conversations_due_split_them_and_read_each_log_once(
+    clock: VirtualClock,
+) -> None:
+    """Each due conversation is claimed before its log is read, so of two runners that found it due, only the one
+    that claimed it reads and replays it (the other does not replay it only to lose the claim)."""
+    store = PollsTogether(readers=2)
+    channel = ListChannel()
+    async with (
+        Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4) as first,
+        Runner(store, channel, clock=clock, cache_size=0, due_concurrency=4) as second,
+    ):
+        ids = await start_sleepers(first, 12)
+        store.loads.clear()
+        clock.advance(timedelta(hours=2))
+        woken: list[int] = []
+
+        async def run_due(runner: Runner) -> None:
+            woken.append(await runner.run_due())
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run_due, first)
+            group.start_soon(run_due, second)
+    assert store.all_read.is_set()  # both read the same due ids
+    assert sorted(store.loads + [cid for batch in store.read_together for cid in batch]) == ids
+    assert sum(woken) == 12
+    assert awake_by_conversation(channel) == dict.fromkeys(ids, 1)
+    assert [row.lease_owner for row in await store.conversations()] == [None] * 12
+
+
+class LogReadHangs(MemoryStore):
+    """Reading logs together never returns; ``reading`` is set once a read has begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.reading = anyio.Event()
+
+    async def load_logs(self, conversation_ids: list[str]) -> dict[str, list[Any]]:
+        if self.armed:
+            self.reading.set()
+            await anyio.sleep_forever()
+        return await super().load_logs(conversation_ids)
+
+
+async def test_cancelling_run_due_while_it_reads_the_logs_of_what_it_claimed_releases_them_all(
+    clock: VirtualClock,
+) -> None:
+    store = LogReadHangs()
+    async with Runner(store, ListChannel(), clock=clock, cache_size=0, due_concurrency=2, lease_seconds=3600) as runner:
+        ids = await start_sleepers(runner, 6)
+        clock.advance(timedelta(hours=2))
+        store.armed = True
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.run_due)
+            await store.reading.wait()  # two taken by workers, four queued: all six claimed
+            assert len([row for row in await store.conversations() if row.lease_owner is not None]) == 6
+            group.cancel_scope.cancel()
+        assert [row.id for row in await store.conversations() if row.lease_owner is not None] == []
+        store.armed = False
+        assert await runner.run_due() == 6
+    assert sorted(row.id for row in await store.conversations() if row.state == "completed") == ids
 
 
 class ReplyBeforeClaim(CountsClaims):
