@@ -233,19 +233,29 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
                 result["load_average"] = os.getloadavg()[0]
                 return result
             clock.offset = first_at - timedelta(seconds=args.margin) - SystemClock().now()
-            commits_before = getattr(store, "commits", None)  # SQLite counts its transactions
-            cpu_before, wall_before = time.process_time(), time.time()
-            with anyio.move_on_after(args.margin + args.spread + args.timeout) as scope:
-                async with anyio.create_task_group() as group:
-                    group.start_soon(runner.serve)
-                    await channel.all_handed.wait()
-                    group.cancel_scope.cancel()
-            result["timed_out"] = scope.cancelled_caught
-            # CPU per wake-up is what a core must give; wall time beyond it was spent waiting (I/O, other processes).
-            result["cpu_ms_per_wake"] = (time.process_time() - cpu_before) * 1000 / max(1, len(channel.handed))
-            if commits_before is not None:
-                result["commits_per_wake"] = (store.commits - commits_before) / max(1, len(channel.handed))
-            result["serve_seconds"] = time.time() - wall_before
+            result["processes"] = args.processes
+            if args.processes > 1:
+                # Served by that many other processes on the same store, none of them this one.
+                handed, cpu_seconds, commits = await serve_elsewhere(args, url, clock.offset, first_at)
+                result["duplicates"] = sum(len(part) for part in handed) - len(set().union(*handed))
+                channel.handed = {cid: min(part[cid] for part in handed if cid in part) for cid in set().union(*handed)}
+                result["cpu_ms_per_wake"] = cpu_seconds * 1000 / max(1, len(channel.handed))
+                if commits is not None:
+                    result["commits_per_wake"] = commits / max(1, len(channel.handed))
+            else:
+                commits_before = getattr(store, "commits", None)  # SQLite counts its transactions
+                cpu_before, wall_before = time.process_time(), time.time()
+                with anyio.move_on_after(args.margin + args.spread + args.timeout) as scope:
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(runner.serve)
+                        await channel.all_handed.wait()
+                        group.cancel_scope.cancel()
+                result["timed_out"] = scope.cancelled_caught
+                # CPU per wake-up is what a core must give; wall time beyond it was spent waiting (I/O, others).
+                result["cpu_ms_per_wake"] = (time.process_time() - cpu_before) * 1000 / max(1, len(channel.handed))
+                if commits_before is not None:
+                    result["commits_per_wake"] = (store.commits - commits_before) / max(1, len(channel.handed))
+                result["serve_seconds"] = time.time() - wall_before
             result["load_average"] = os.getloadavg()[0]
             late_ms = sorted((channel.handed[cid] - due[cid]) * 1000 for cid in channel.handed)
             result["woken"] = len(late_ms)
@@ -259,6 +269,82 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await store.close()
         await discard(args.store, url)
+
+
+async def serve_elsewhere(
+    args: argparse.Namespace, url: str, offset: timedelta, first_at: datetime
+) -> tuple[list[dict[str, float]], float, int | None]:
+    """Serve the sleepers from ``args.processes`` processes at once, each a runner of its own on ``url`` (the
+    sleepers' store) with the same clock: what each handed over when, their CPU seconds and commits in all."""
+    last_at = first_at + timedelta(seconds=args.spread)
+    argv = [
+        sys.executable, __file__, "--serve-child", url, "--cache-size", str(args.cache_size),
+        "--offset", str(offset.total_seconds()), "--last-at", last_at.isoformat(),
+        "--timeout", str(args.margin + args.spread + args.timeout),
+        *(["--pass-interval", args.pass_interval] if args.pass_interval else []),
+        *(["--tuned-gc"] if args.tuned_gc else []),
+    ]  # fmt: skip
+
+    def run_all() -> list[str]:
+        servers = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(args.processes)]
+        outputs = [server.communicate()[0] for server in servers]
+        if any(server.returncode for server in servers):
+            raise RuntimeError(f"a serving process failed: {[server.returncode for server in servers]}")
+        return outputs
+
+    parts = [json.loads(out.strip().splitlines()[-1]) for out in await anyio.to_thread.run_sync(run_all)]
+    commits = [part["commits"] for part in parts]
+    return (
+        [part["handed"] for part in parts],
+        sum(part["cpu"] for part in parts),
+        None if None in commits else sum(commits),
+    )
+
+
+async def serve_child(args: argparse.Namespace) -> dict[str, Any]:
+    """One of ``serve_elsewhere``'s processes: serve until nothing due by the last instant is left."""
+    store = await open_store(args.serve_child)
+    clock = ShiftedClock()
+    channel = StopwatchChannel(sys.maxsize, clock)
+    last_at = datetime.fromisoformat(args.last_at)
+    options: dict[str, Any] = {"cache_size": args.cache_size}
+    if args.pass_interval:
+        options["pass_interval"] = float(args.pass_interval)
+    try:
+        async with Runner(store, channel, clock=clock, **options) as runner:
+            gc.collect()
+            if args.tuned_gc:
+                gc.freeze()
+                gc.set_threshold(50_000, 20, 20)
+            clock.offset = timedelta(seconds=args.offset)
+            commits_before = getattr(store, "commits", None)
+            cpu_before = time.process_time()
+
+            async def until_all_woken() -> None:
+                # Done when every sleeper is (no wake-up left up to the last instant, nothing due or held).
+                while True:
+                    await anyio.sleep(0.1)
+                    now = clock.now()
+                    if now <= last_at:
+                        continue
+                    next_at = await store.next_wake_at()
+                    if (
+                        (next_at is None or next_at > last_at)
+                        and not await store.due(now, 1)
+                        and not await store.leased()
+                    ):
+                        return
+
+            with anyio.move_on_after(args.timeout):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(runner.serve)
+                    await until_all_woken()
+                    group.cancel_scope.cancel()
+            cpu = time.process_time() - cpu_before
+            commits = None if commits_before is None else store.commits - commits_before  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+    return {"handed": channel.handed, "cpu": cpu, "commits": commits}
 
 
 # -- the parent: run the children, print the table --------------------------------------------------------------
@@ -281,7 +367,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], yardstick: list
         "the machine's speed, before / after the runs: raw sqlite3 commits per second (bench_core's yardstick) "
         + " / ".join(f"{rate:,.0f}" for rate in yardstick),
         "",
-        f"{'store':<7}{'cache':>6}{'conc':>5}{'pass ms':>8}{'gc':>8}{'setup s':>9}{'woken':>8}"
+        f"{'store':<7}{'cache':>6}{'procs':>6}{'conc':>5}{'pass ms':>8}{'gc':>8}{'setup s':>9}{'woken':>8}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
         f"{'cpu ms/wake':>12}{'wakes/cpu s':>12}{'commits/wake':>13}{'load':>6}  verdict",
     ]
@@ -298,8 +384,10 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], yardstick: list
             verdict += f" the p99 < {TARGET_P99_MS:g} ms target"
             if run["early"]:
                 verdict += f"; {run['early']} EARLY"
+            if run.get("duplicates"):
+                verdict += f"; {run['duplicates']} HANDED TWICE"
         lines.append(
-            f"{run['store']:<7}{run['cache_size']:>6}{run.get('due_concurrency', 1):>5}"
+            f"{run['store']:<7}{run['cache_size']:>6}{run.get('processes', 1):>6}{run.get('due_concurrency', 1):>5}"
             f"{run.get('pass_interval_ms', 0.0):>8g}{run.get('gc', 'default'):>8}"
             f"{run['setup_seconds']:>9.1f}{run.get('woken', 0):>8}"
             f"{late.get('p50', float('nan')):>9.1f}{late.get('p99', float('nan')):>9.1f}"
@@ -341,7 +429,9 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], yardstick: list
     lines += [
         "",
         "cpu ms/wake = this process's CPU time while serving / wake-ups: 1000 / it is the most wake-ups per second",
-        "one core can give (wakes/cpu s); commits/wake = SQLite transactions per wake-up (writes of conversations",
+        "one core can give (wakes/cpu s); procs 2 = two runner processes serve the same store file at once (their",
+        "CPU time added up; each conversation is woken by one of them, claimed before its log is read);",
+        "commits/wake = SQLite transactions per wake-up (writes of conversations",
         "woken together share one); load = the machine's 1-minute load average then (other processes competing).",
         "traced = Python allocations still held once every sleeper sleeps, since a warmed-up baseline (one",
         "sleeper started, one pass run); peak includes the transient garbage of starting them. RSS includes",
@@ -378,7 +468,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-burst", action="store_true", help="skip the all-due-at-once run_due() runs")
     parser.add_argument("--dir", default=None, help="where the SQLite files go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON after the table")
+    parser.add_argument(
+        "--processes", default="1,2",
+        help="runner processes serving the sleepers together, comma-separated (default 1,2: one, then two on one "
+        "store; SQLite only)",
+    )  # fmt: skip
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--offset", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--last-at", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--processes-here", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--store", default="sqlite", help=argparse.SUPPRESS)
     parser.add_argument("--cache-size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
@@ -394,7 +493,11 @@ def machine_speed() -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.serve_child:
+        print(json.dumps(anyio.run(serve_child, args)))
+        return
     if args.child:
+        args.processes = args.processes_here
         print(json.dumps(anyio.run(run_config, args)))
         return
     with tempfile.TemporaryDirectory(prefix="dynaprompt-sleepers-") as scratch:
@@ -421,6 +524,11 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     for size in args.due_concurrency.split(",")
                     for interval in args.pass_interval.split(",")
+                ]
+                timed += [
+                    run_child([*common, "--n", str(args.n), "--processes-here", processes])
+                    for processes in args.processes.split(",")
+                    if int(processes) > 1 and kind == "sqlite" and cache_size == 0
                 ]
                 if args.tuned_gc:
                     timed.append(run_child([*common, "--n", str(args.n), "--tuned-gc"]))

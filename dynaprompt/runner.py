@@ -675,9 +675,9 @@ class Runner:
             except ConflictError:
                 now = self.clock.now()  # it moved (and nothing was written): claim first, replay, go on
         else:
-            # Cold: replay the log (read before the lease was taken, if it was: run_due claims a batch and then
-            # reads their logs together), and let the first append take the lease, or keep ours, if the row
-            # still ends where that log does (see Claim): no claim of its own, one write a wake-up fewer.
+            # Cold: replay the log (read after run_due claimed the lease with its batch, or read without it),
+            # and let the first append take the lease, or keep ours, if the row still ends where that log does
+            # (see Claim): no claim of its own, one write a wake-up fewer.
             # Parked, flagged or held by a live runner, or moved meanwhile: nothing is written, and the
             # claim-first path below takes over.
             execution = await self._replayed(conversation_id) if events is None else _rebuilt(conversation_id, events)

@@ -27,8 +27,14 @@ def test_the_sleepers_benchmark_wakes_every_sleeper_and_prints_its_table(tmp_pat
     assert "due at once, one run_due()" in table
     runs = json.loads("[" + raw)
     timed = [run for run in runs if not run["trace"] and not run["burst"] and run["n"] == 20]
-    # One serve run per pass interval asked for, then one with the collector tuned (the runner's default interval).
-    assert [(run["pass_interval_ms"], run["gc"]) for run in timed] == [(0, "default"), (5, "default"), (5, "tuned")]
+    # One serve run per pass interval asked for, one served by two processes at once, then one with the collector
+    # tuned (the runner's default interval).
+    assert [(run["pass_interval_ms"], run["gc"], run["processes"]) for run in timed] == [
+        (0, "default", 1), (5, "default", 1), (5, "default", 2), (5, "tuned", 1),
+    ]  # fmt: skip
+    [shared] = [run for run in timed if run["processes"] == 2]
+    assert shared["duplicates"] == 0  # each sleeper handed over by one of the two
+    assert "  2   64" in table
     [burst] = [run for run in runs if run["burst"]]
     assert burst["woken"] == 20
     for run in timed:
