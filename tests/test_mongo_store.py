@@ -21,7 +21,7 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
 
-from dynaprompt import Runner, dialog, finish, open_store, send, sleep_until, wait_for_reply
+from dynaprompt import Runner, dialog, finish, open_store, send, sleep, sleep_until, wait_for_reply
 from dynaprompt.errors import CorruptEventError, StoreUnavailableError
 from dynaprompt.events import ReplyReceived, Started
 from dynaprompt.stores.base import ConversationRow, RowUpdate
@@ -185,7 +185,15 @@ class CountedCalls:
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.collection, name)
-        if name in ("update_one", "find_one_and_update", "insert_one", "insert_many", "find_one", "find"):
+        if name in (
+            "update_one",
+            "update_many",
+            "find_one_and_update",
+            "insert_one",
+            "insert_many",
+            "find_one",
+            "find",
+        ):
             journaled = "j" if self.collection.write_concern.document.get("j") else "no j"
             self.calls.append(f"{self.collection.name}.{name} ({journaled})")
         return method
@@ -210,6 +218,42 @@ async def test_a_warm_turn_updates_the_row_without_reading_it_back(store: MongoS
     assert (status.state, status.last_seq) == ("waiting_for_reply", stored["last_seq"])
     assert (stored["lease_owner"], stored["lease_until"], stored["needs_advance"]) == (None, None, False)
     assert await row_seen_afresh(store, "ann") == store._seen["ann"]  # what another process reads: the same
+
+
+@dialog(name="mongo-test-napper")
+async def napper():  # type: ignore[no-untyped-def]
+    yield sleep(60)
+    yield send("rested")
+
+
+async def test_a_timer_wake_up_claims_with_its_batch_and_then_writes_as_a_warm_turn(
+    store: MongoStore, clock: VirtualClock
+) -> None:
+    """run_due claims the due batch in one update_many; the wake-up's own claim then tries our lease first (one
+    update, not a refused one and another), and its row write is still put off to the hand-off's, as in a warm
+    turn: the batch claim leaves what this store saw of the row a good hint."""
+    calls: list[str] = []
+    for attribute in ("_events", "_rows", "_rows_unjournaled"):
+        setattr(store, attribute, CountedCalls(getattr(store, attribute), calls))
+    async with Runner(store, clock=clock, cache_size=0) as runner:
+        await runner.start(napper, "nap")
+        await runner.run_due()  # the first pass of a runner also looks for dead runners' leases
+        clock.advance(timedelta(seconds=61))
+        calls.clear()
+        assert await runner.run_due() == 1
+    assert calls == [
+        *["conversations.find (j)"] * 3,  # due(): flagged, expired leases, due timers
+        "conversations.update_many (j)",  # the batch's claim
+        "conversations.find (j)",  # which of the batch it took
+        "events.find (j)",  # the batch's logs, read together
+        "conversations.update_one (no j)",  # the claim with the append: our lease, found at the first try
+        "events.insert_many (j)",  # timer fired, sent, completed (their row write is put off)
+        "events.insert_many (j)",  # the delivered mark
+        "conversations.update_one (no j)",  # the row, for both appends, dropping the lease
+    ]
+    stored = await store.database["conversations"].find_one({"_id": "nap"})
+    assert stored is not None
+    assert (stored["state"], stored["lease_owner"], stored["lease_until"]) == ("completed", None, None)
 
 
 class HoldingChannel:

@@ -632,7 +632,9 @@ class MongoStore:
         )
         taken = {doc["_id"] for doc in docs}
         for conversation_id in taken:
-            self._seen.pop(conversation_id, None)  # its lease changed under what this store saw of it
+            seen = self._seen.get(conversation_id)
+            if seen is not None:  # only the lease changed: what this store saw stays a good hint (see _swap_row)
+                self._seen[conversation_id] = seen.model_copy(update={"lease_owner": owner, "lease_until": until})
             self._claimed_ahead[conversation_id] = owner  # _claim tries our own lease first
             if len(self._claimed_ahead) > _SEEN_LIMIT:
                 del self._claimed_ahead[next(iter(self._claimed_ahead))]
