@@ -165,6 +165,24 @@ def plan_sleepers(count: int, first_at: datetime, spread: float) -> list[tuple[s
     return [(f"s{i:06d}", instant.isoformat(), instant.timestamp()) for i, instant in enumerate(instants)]
 
 
+def runner_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Runner`` options a configuration asks for (the runner's defaults for the rest)."""
+    options: dict[str, Any] = {"cache_size": args.cache_size}
+    if args.due_concurrency:
+        options["due_concurrency"] = int(args.due_concurrency)
+    if args.pass_interval:
+        options["pass_interval"] = float(args.pass_interval)
+    return options
+
+
+def tune_collector(args: argparse.Namespace) -> None:
+    """With ``--tuned-gc``, the collector as docs/production.md recommends for a process that serves a runner,
+    once set up."""
+    if args.tuned_gc:
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+
+
 async def run_config(args: argparse.Namespace) -> dict[str, Any]:
     """One child: start N sleepers, measure memory while they sleep, then (unless tracing) serve and time them."""
     folder = Path(args.dir)
@@ -173,11 +191,9 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "store": args.store, "n": args.n, "cache_size": args.cache_size, "trace": args.trace, "burst": args.burst,
     }  # fmt: skip
-    options: dict[str, Any] = {"cache_size": args.cache_size}
-    if args.due_concurrency:
-        options["due_concurrency"] = result["due_concurrency"] = int(args.due_concurrency)
-    if args.pass_interval:
-        options["pass_interval"] = float(args.pass_interval)
+    options = runner_options(args)
+    if "due_concurrency" in options:
+        result["due_concurrency"] = options["due_concurrency"]
     try:
         if args.trace:
             tracemalloc.start()
@@ -195,9 +211,7 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
             await runner.start(sleeper, "warm-up", (clock.now() + timedelta(days=30)).isoformat())
             await runner.run_due()
             gc.collect()
-            if args.tuned_gc:  # as docs/production.md recommends for a process that serves a runner, once set up
-                gc.freeze()
-                gc.set_threshold(50_000, 20, 20)
+            tune_collector(args)
             result["gc"] = "tuned" if args.tuned_gc else "default"
             rss_before = current_rss_mb()
             if args.trace:
@@ -237,8 +251,9 @@ async def run_config(args: argparse.Namespace) -> dict[str, Any]:
             if args.processes > 1:
                 # Served by that many other processes on the same store, none of them this one.
                 handed, cpu_seconds, commits = await serve_elsewhere(args, url, clock.offset, first_at)
-                result["duplicates"] = sum(len(part) for part in handed) - len(set().union(*handed))
-                channel.handed = {cid: min(part[cid] for part in handed if cid in part) for cid in set().union(*handed)}
+                woken: set[str] = set().union(*handed)
+                result["duplicates"] = sum(len(part) for part in handed) - len(woken)
+                channel.handed = {cid: min(part[cid] for part in handed if cid in part) for cid in woken}
                 result["cpu_ms_per_wake"] = cpu_seconds * 1000 / max(1, len(channel.handed))
                 if commits is not None:
                     result["commits_per_wake"] = commits / max(1, len(channel.handed))
@@ -282,6 +297,7 @@ async def serve_elsewhere(
         "--offset", str(offset.total_seconds()), "--last-at", last_at.isoformat(),
         "--timeout", str(args.margin + args.spread + args.timeout),
         *(["--pass-interval", args.pass_interval] if args.pass_interval else []),
+        *(["--due-concurrency", args.due_concurrency] if args.due_concurrency else []),
         *(["--tuned-gc"] if args.tuned_gc else []),
     ]  # fmt: skip
 
@@ -307,15 +323,10 @@ async def serve_child(args: argparse.Namespace) -> dict[str, Any]:
     clock = ShiftedClock()
     channel = StopwatchChannel(sys.maxsize, clock)
     last_at = datetime.fromisoformat(args.last_at)
-    options: dict[str, Any] = {"cache_size": args.cache_size}
-    if args.pass_interval:
-        options["pass_interval"] = float(args.pass_interval)
     try:
-        async with Runner(store, channel, clock=clock, **options) as runner:
+        async with Runner(store, channel, clock=clock, **runner_options(args)) as runner:
             gc.collect()
-            if args.tuned_gc:
-                gc.freeze()
-                gc.set_threshold(50_000, 20, 20)
+            tune_collector(args)
             clock.offset = timedelta(seconds=args.offset)
             commits_before = getattr(store, "commits", None)
             cpu_before = time.process_time()

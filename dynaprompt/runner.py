@@ -427,12 +427,8 @@ class Runner:
         advance releases it."""
         with anyio.CancelScope(shield=True):
             for conversation_id in conversation_ids:
-                if conversation_id in self._locks:
-                    continue
-                try:
-                    await self.store.release(conversation_id, self.owner, None)
-                except Exception:  # the lease then expires on its own
-                    log.warning("could not release the lease on %r", conversation_id, exc_info=True)
+                if conversation_id not in self._locks:
+                    await self._drop_lease(conversation_id)
 
     async def _fire_alone(
         self, conversation_id: str, action: str, events: list[Event] | None, claimed: bool = False
@@ -654,13 +650,11 @@ class Runner:
         """Advance a due conversation as far as it goes; ``events``: its whole log, if already read; ``claimed``:
         its lease was taken for this (``run_due``), and is dropped if this fails before an advance takes over."""
         async with self._lock(conversation_id):
-            if not claimed:
-                await self._fire_locked(conversation_id, events)
-                return
             try:
                 await self._fire_locked(conversation_id, events)
             except BaseException:
-                await self._abandon(conversation_id)
+                if claimed:
+                    await self._abandon(conversation_id)
                 raise
 
     async def _fire_locked(self, conversation_id: str, events: list[Event] | None) -> None:
@@ -819,10 +813,14 @@ class Runner:
         a runner that stops must not leave others waiting for its lease to expire."""
         with anyio.CancelScope(shield=True):
             await self._forget(conversation_id, execution)
-            try:
-                await self.store.release(conversation_id, self.owner, None)
-            except Exception:  # the lease then expires on its own
-                log.warning("could not release the lease on %r", conversation_id, exc_info=True)
+            await self._drop_lease(conversation_id)
+
+    async def _drop_lease(self, conversation_id: str) -> None:
+        """Release our lease on the conversation wherever its log ends; a failure is logged (it then expires)."""
+        try:
+            await self.store.release(conversation_id, self.owner, None)
+        except Exception:
+            log.warning("could not release the lease on %r", conversation_id, exc_info=True)
 
     async def _renew_lease_while(self, conversation_id: str) -> None:
         """Keep our lease alive while a long call runs (until cancelled)."""
@@ -1114,7 +1112,7 @@ class _FirePool:
     def add(self, conversation_ids: list[str], action: str, *, claimed: list[str] | None = None) -> int:
         """Queue the ids not seen before, starting workers for them up to ``size``; how many were new. With
         ``claimed`` (those whose lease was taken for this pass), only those are queued; the rest are seen."""
-        seen, queued = self.seen, len(self._queue)
+        seen = self.seen
         wanted = None if claimed is None else set(claimed)
         new = 0
         for conversation_id in conversation_ids:
@@ -1126,7 +1124,7 @@ class _FirePool:
         while self._workers < min(self._size, len(self._queue)):
             self._workers += 1
             self._group.start_soon(self._work)
-        return new if claimed is not None else len(self._queue) - queued
+        return new
 
     def unfired(self) -> list[str]:
         """The claimed conversations no worker took (the pass was cancelled or failed)."""
