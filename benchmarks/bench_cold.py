@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_core import CountingChannel, grow_log
+from bench_core import CountingChannel, code_under_test, grow_log
 
 from dynaprompt import Runner, open_store
 
@@ -198,7 +198,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
     else:
-        print(f"{args.events:,}-event log, {args.repeats} cold resumes")
+        print(f"{args.events:,}-event log, {args.repeats} cold resumes; {code_under_test()}")
         print_table({"": results})
 
 

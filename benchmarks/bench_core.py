@@ -37,6 +37,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import dynaprompt
 from dynaprompt import Message, Runner, Store, dialog, open_store, send, wait_for_reply
 
 # -- the workload ---------------------------------------------------------------------------------------------
@@ -398,6 +399,21 @@ async def run_part(url: str, part: str, n: int, k: int, tuned_gc: bool) -> None:
 # -- the parent: run the legs, print the table -----------------------------------------------------------------
 
 
+def code_under_test() -> str:
+    """Which dynaprompt this process imported, and its commit: the scripts put only ``benchmarks/`` on
+    ``sys.path``, so a checkout run without ``PYTHONPATH=<checkout>`` measures whatever the virtual
+    environment has installed (an A/B run that forgot it measures one tree twice). Every script's header
+    prints this line."""
+    tree = Path(dynaprompt.__file__).resolve().parent.parent
+    git = ["git", "-C", str(tree)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    if commit.returncode != 0:
+        return f"dynaprompt {dynaprompt.__version__} from {tree}"
+    changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, check=False).stdout.strip()  # fmt: skip
+    return f"dynaprompt from {tree} at {commit.stdout.strip()}{' with uncommitted changes' if changed else ''}"
+
+
 def run_leg(kind: str, argv: list[str]) -> dict[str, Any]:
     done = subprocess.run([sys.executable, __file__, "--leg", kind, *argv], capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -490,6 +506,7 @@ def report(args: argparse.Namespace, legs: dict[str, dict[str, Any]]) -> str:
         f"dynaprompt core benchmark: N={n:,} conversations x K={k} turns = {n * k:,} turns; "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
         f"load average {load:.1f} at the end",
+        code_under_test(),
         "",
         line(header),
         *(line(cells) for cells in rows),

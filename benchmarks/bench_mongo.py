@@ -69,7 +69,7 @@ AT = "2026-01-05T09:00:00Z"
 SENT = {"kind": "sent", "at": AT, "text": "Got 'answer 1'.", "to": None, "metadata": {}, "due_at": None}
 
 # The same workload as bench_core.py, so the two stores' turns are the same turn.
-from bench_core import chat, run_turns, run_turns_concurrently  # noqa: E402  (benchmarks/ is first on sys.path)
+from bench_core import chat, code_under_test, run_turns, run_turns_concurrently  # noqa: E402  (benchmarks/ is first on sys.path)
 
 
 class NullChannel:
@@ -553,6 +553,7 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     print(f"MongoDB store benchmark: {platform.python_implementation()} {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, server {'SecantusDB (child process)' if args.uri is None else 'given'}, "
           f"driver's retryable writes {'on' if args.uri is not None or args.retry_writes else 'off'}")  # fmt: skip
+    print(code_under_test())
     print("\nwhat a write costs (sequential, one client)   ms/call  insert_one calls   client CPU ms   server CPU ms"
           "   (server CPU: 0 when the server is not this script's)")  # fmt: skip
     for kind, cost in costs.items():

@@ -56,7 +56,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_core import raw_sqlite
+from bench_core import code_under_test, raw_sqlite
 
 from dynaprompt import Message, Runner, dialog, open_store, send, sleep_until
 from dynaprompt.clock import SystemClock
@@ -375,6 +375,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], yardstick: list
         f"dynaprompt sleepers: {args.n} conversations asleep, due evenly over {args.spread:g} s, "
         "woken by Runner.serve() on the system clock",
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; lateness = hand-off wall time - requested instant",
+        code_under_test(),
         "the machine's speed, before / after the runs: raw sqlite3 commits per second (bench_core's yardstick) "
         + " / ".join(f"{rate:,.0f}" for rate in yardstick),
         "",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import dynaprompt
+
 from .conftest import run_benchmark
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "bench_core.py"
@@ -33,6 +35,9 @@ def test_benchmark_prints_every_figure_for_both_stores(tmp_path: Path) -> None:
         "kill: yes, power loss: yes",
     ):
         assert label in table, f"{label!r} missing from:\n{table}"
+    # The header names the dynaprompt the legs imported (this test's own), so a run cannot measure another
+    # tree unnoticed.
+    assert f" from {Path(dynaprompt.__file__).resolve().parent.parent}" in table.splitlines()[1]
     figures = json.loads("{" + raw)
     assert set(figures) == {"raw", "memory", "sqlite", "sqlite-full"}
     for kind in ("memory", "sqlite"):
