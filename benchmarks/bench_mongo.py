@@ -416,6 +416,125 @@ async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = False
     return {"per_s": turns / took, "cpu_ms": 1000 * cpu / turns}
 
 
+# The layouts the raw turn is issued against in ``layout_ceilings``: (events keyed by their ``_id``, the
+# conversation document's indexes as (keys, sparse), writes journaled). Only the first is the store's.
+LAYOUTS: dict[str, tuple[bool, list[tuple[list[tuple[str, int]], bool]], bool]] = {
+    "the store's": (False, [([("wake_at", 1)], False), ([("needs_advance", 1), ("lease_until", 1)], False),
+                            ([("lease_until", 1)], False)], True),
+    "sparse row indexes, lease unset": (False, [([("wake_at", 1)], True), ([("needs_advance", 1)], True),
+                                                ([("lease_until", 1)], True)], True),
+    "  and events keyed by _id": (True, [([("wake_at", 1)], True), ([("needs_advance", 1)], True),
+                                         ([("lease_until", 1)], True)], True),
+    "  and nothing journaled": (True, [([("wake_at", 1)], True), ([("needs_advance", 1)], True),
+                                       ([("lease_until", 1)], True)], False),
+    "events keyed by _id, only wake_at indexed": (True, [([("wake_at", 1)], True)], True),
+}  # fmt: skip
+
+
+async def layout_ceilings(uri: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
+    """A warm turn's 4 writes issued raw (no runner, no store) against each of ``LAYOUTS``, in rounds
+    interleaved with the yardstick's ``insert_one`` (driver default), one client, sequential: what each layout
+    would let a store reach at best. Each layout's ratio is ``4 x insert_one time / turn time``, in wall time
+    and in server CPU time. The sparse layouts leave a field out instead of setting it to null, so a claim and
+    its release touch one sparse index entry each and an update that does not touch a field costs its index
+    nothing; keyed events need no second unique index, but SecantusDB reads an ``_id`` range by a scan."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(f"{uri}/{OPTIONS}")
+    database = client["bench_layouts"]
+    yardstick = database["plain"]
+    await yardstick.drop()
+    await yardstick.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
+    counter = iter(range(10**9))
+
+    async def insert_one() -> None:
+        await yardstick.insert_one({**SENT, "conversation_id": "c", "seq": next(counter)})
+
+    calls: dict[str, Callable[[], Awaitable[None]]] = {"insert_one": insert_one}
+    for number, (name, (keyed, indexes, journaled)) in enumerate(LAYOUTS.items()):
+        concern = WriteConcern(j=True) if journaled else None
+        events = database.get_collection(f"events{number}", write_concern=concern)
+        rows = database.get_collection(f"rows{number}", write_concern=concern)
+        claims = database[f"rows{number}"]  # the claim goes without j, as the store's does
+        await events.drop()
+        await rows.drop()
+        if not keyed:
+            await events.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
+        for keys, sparse in indexes:
+            await rows.create_index(keys, sparse=sparse)
+        sparse_row = all(sparse for _, sparse in indexes)
+        free = {} if sparse_row else {"lease_owner": None, "lease_until": None, "parked": False, "needs_advance": False}
+        await rows.insert_one({"_id": "c", "state": "waiting_for_reply", "last_seq": 0, "run_seq": 1, **free})
+        calls[name] = _raw_layout_turn(events, rows, claims, keyed=keyed, sparse_row=sparse_row)
+    for call in calls.values():  # warm the connection and the server
+        for _ in range(5):
+            await call()
+    walls: dict[str, list[float]] = {name: [] for name in calls}
+    servers: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times = per_round * 3 if name == "insert_one" else per_round  # a turn is 4 writes
+            began, server = time.perf_counter(), server_cpu() or 0.0
+            for _ in range(times):
+                await call()
+            walls[name].append(1000 * (time.perf_counter() - began) / times)
+            servers[name].append(1000 * ((server_cpu() or 0.0) - server) / times)
+    await client.close()
+    unit, unit_server = statistics.median(walls["insert_one"]), statistics.median(servers["insert_one"])
+    results = {}
+    for name in LAYOUTS:
+        wall, server = statistics.median(walls[name]), statistics.median(servers[name])
+        results[name] = {
+            "ms": wall,
+            "insert_ones": wall / unit,
+            "server_cpu_ms": server,
+            "ratio": 4 * unit / wall,
+            "cpu_ratio": 4 * unit_server / server if server else float("nan"),
+        }
+    return results
+
+
+def _raw_layout_turn(
+    events: Any, rows: Any, claims: Any, *, keyed: bool, sparse_row: bool
+) -> Callable[[], Awaitable[None]]:
+    """One layout's warm turn: claim, the reply and the bot's events, the delivered marks, the row dropping
+    the lease; each write checked to have hit, as the store's are."""
+    seqs = iter(range(0, 10**9, 6))
+
+    def keyed_by_id(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**doc, "_id": f"c\x1f{doc['seq']:012d}"} for doc in docs] if keyed else docs
+
+    async def turn() -> None:
+        seq = next(seqs)
+        claimed = await claims.update_one(
+            {"_id": "c", "last_seq": seq, "run_seq": 1, "parked": {"$ne": True}, "needs_advance": {"$ne": True},
+             "lease_until": {"$not": {"$gt": 5}}},
+            {"$set": {"lease_owner": "me", "lease_until": 10}},
+        )  # fmt: skip
+        assert claimed.modified_count == 1
+        base = {"conversation_id": "c", "at": AT}
+        await events.insert_many(keyed_by_id([
+            {**base, "seq": seq + 1, "kind": "reply", "text": f"answer {seq}"},
+            {**SENT, **base, "seq": seq + 2, "text": "Got it."},
+            {**SENT, **base, "seq": seq + 3, "text": "Question?"},
+            {**base, "seq": seq + 4, "kind": "waiting"},
+        ]), ordered=True)  # fmt: skip
+        await events.insert_many(
+            keyed_by_id(
+                [{**base, "seq": seq + n, "kind": "delivered", "message_id": f"c:{seq + n - 3}"} for n in (5, 6)]
+            ),
+            ordered=True,
+        )
+        state = {"state": "waiting_for_reply", "last_seq": seq + 6, "updated_at": seq}
+        drop: dict[str, Any] = (
+            {"$set": state, "$unset": {"lease_owner": "", "lease_until": ""}}
+            if sparse_row
+            else {"$set": {**state, "lease_owner": None, "lease_until": None}}
+        )
+        dropped = await rows.update_one({"_id": "c", "last_seq": seq, "lease_owner": "me", "lease_until": 10}, drop)
+        assert dropped.modified_count == 1
+
+    return turn
+
+
 async def cold_resume(url: str, sizes: list[int], repeats: int) -> dict[int, float]:
     """Seconds for a new store and runner to deliver one reply to a conversation with a log of each size."""
     from dynaprompt.stores.mongo import _event_doc, _row_doc
@@ -498,6 +617,7 @@ def measure(args: argparse.Namespace, uri: str) -> dict[str, Any]:
     figures: dict[str, Any] = {"concurrency": tasks, "costs": asyncio.run(write_costs(uri, args.rounds, 40))}
     figures["raw_turn"] = asyncio.run(raw_turn_rate(uri, args.raw_turns))
     figures["raw_turn_5"] = asyncio.run(raw_turn_rate(uri, args.raw_turns, middle_row_update=True))
+    figures["layouts"] = asyncio.run(layout_ceilings(uri, args.rounds, args.layout_turns))
     for _, path in variants:
         tag = "base" if path else "this"
         count = f"{uri}/{run}_{tag}_count{OPTIONS}"
@@ -579,6 +699,13 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
             for key, what in (("raw_turn", "those 4"), ("raw_turn_5", "with a row update between the inserts (5)")):
                 print(f"  {what}, issued raw in a loop (no runner, no store): {figures[key]['per_s']:.1f} turns/s, "
                       f"{figures[key]['cpu_ms']:.2f} ms client CPU a turn")  # fmt: skip
+    print("\nthe 4 writes of a turn issued raw against other layouts (no runner, no store; interleaved with "
+          "insert_one; ratio = 4 x insert_one time / turn time, a store's ceiling there):\n"
+          f"  {'layout':45s}{'ms/turn':>8}{'insert_one calls':>18}{'server CPU ms':>15}{'ratio':>7}"
+          f"{'in server CPU':>15}")  # fmt: skip
+    for name, layout in figures["layouts"].items():
+        print(f"  {name:45s}{layout['ms']:8.2f}{layout['insert_ones']:18.2f}{layout['server_cpu_ms']:15.2f}"
+              f"{layout['ratio']:7.2f}{layout['cpu_ratio']:15.2f}")  # fmt: skip
     print(f"\nyardstick: raw insert_one of an event document   driver default /s   j=true (store's) /s   server CPU "
           f"ms/insert (j)   load   (medians of {args.passes} passes; min-max)")  # fmt: skip
     layouts = (("raw_seq1", "sequential, 1 process"), ("raw_seq3", "sequential, 3 processes"),
@@ -624,7 +751,8 @@ def main() -> None:
     parser.add_argument("--raw", type=int, default=600, help="insert_one calls for each yardstick run")
     parser.add_argument("--passes", type=int, default=3, help="passes over the layouts (medians are printed)")
     parser.add_argument("--raw-turns", type=int, default=200, help="turns of raw driver writes")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the write-cost table")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the write-cost and layout tables")
+    parser.add_argument("--layout-turns", type=int, default=30, help="raw turns per layout and round (layout table)")
     parser.add_argument("--count-n", type=int, default=20, help="conversations of the run that counts writes")
     parser.add_argument("--count-k", type=int, default=5, help="turns each in the run that counts writes")
     parser.add_argument("--log-sizes", default="100,1000,10000", help="event counts for cold resume")

@@ -34,6 +34,8 @@ def test_mongo_benchmark_prints_every_figure(mongodb_uri: str) -> None:
         "3 tasks, 1 proc",
         "cold resume, log of",
         "in CPU time, j=true",
+        "the 4 writes of a turn issued raw against other layouts",
+        "events keyed by _id, only wake_at indexed",
     ):
         assert label in table, f"{label!r} missing from:\n{table}"
     figures = json.loads("{" + raw)
@@ -41,4 +43,6 @@ def test_mongo_benchmark_prints_every_figure(mongodb_uri: str) -> None:
         for run in ("seq1", "seq3", "conc1", "conc3"):
             assert figures[f"{tag}_{run}"]["count"] == 3 * 2
             assert figures[f"{tag}_{run}"]["ratio_j"] > 0
+    assert set(figures["layouts"]) >= {"the store's", "events keyed by _id, only wake_at indexed"}
+    assert all(layout["ratio"] > 0 for layout in figures["layouts"].values())
     assert sum(figures["count_this"]["writes"].values()) >= 2  # every turn writes (events, then the row)
