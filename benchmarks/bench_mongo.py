@@ -279,9 +279,16 @@ def raw_inserts(url: str, processes: int, count: int, tasks: int, journal: bool)
 # -- measurements in the parent -----------------------------------------------------------------------------------
 
 
+Index = list[tuple[str, int]]
+# The store's indexes on ``conversations`` (a row update maintains them too), and the sparse ones of the leaner
+# layouts ``layout_ceilings`` measures.
+ROW_INDEXES: list[Index] = [[("wake_at", 1)], [("needs_advance", 1), ("lease_until", 1)], [("lease_until", 1)]]
+SPARSE_ROW_INDEXES: list[Index] = [[("wake_at", 1)], [("needs_advance", 1)], [("lease_until", 1)]]
+
+
 async def row_indexes(rows: Any) -> None:
-    """The store's indexes on ``conversations`` (a row update maintains them too)."""
-    for keys in ([("wake_at", 1)], [("needs_advance", 1), ("lease_until", 1)], [("lease_until", 1)]):
+    """The store's indexes on ``conversations``."""
+    for keys in ROW_INDEXES:
         await rows.create_index(keys)
 
 
@@ -366,51 +373,10 @@ async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = False
     client, journaled as the store writes. ``middle_row_update=True`` adds the row update the store made
     between the two inserts until it put it off to the last write (5 writes, as before)."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(f"{uri}/{OPTIONS}")
-    database = client["bench_raw_turn"]
-    concern = WriteConcern(j=True)
-    events = database.get_collection("events", write_concern=concern)
-    rows = database.get_collection("conversations", write_concern=concern)
-    claims = database.get_collection("conversations")
-    await events.drop()
-    await rows.drop()
-    await events.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
-    await row_indexes(rows)
-    await rows.insert_one({"_id": "raw", "state": "waiting_for_reply", "last_seq": 0, "run_seq": 1, "parked": False,
-                           "needs_advance": False, "lease_owner": None, "lease_until": None})  # fmt: skip
+    turn = await _layout_turn(client["bench_raw_turn"], "", LAYOUTS["the store's"], middle_row_update=middle_row_update)
     began, cpu = time.perf_counter(), time.process_time()
-    for turn in range(turns):
-        seq = turn * 6
-        await claims.update_one(
-            {"_id": "raw", "last_seq": seq, "run_seq": 1, "parked": False, "needs_advance": False,
-             "$or": [{"lease_until": None}, {"lease_owner": "me"}, {"lease_until": {"$lte": 5}}]},
-            {"$set": {"lease_owner": "me", "lease_until": 10}},
-        )  # fmt: skip
-        base = {"conversation_id": "raw", "at": AT}
-        await events.insert_many(
-            [
-                {**base, "seq": seq + 1, "kind": "reply", "text": f"answer {turn}", "metadata": {}},
-                {**SENT, **base, "seq": seq + 2, "text": "Got it."},
-                {**SENT, **base, "seq": seq + 3, "text": "Question?"},
-                {**base, "seq": seq + 4, "kind": "waiting", "timeout_at": None},
-            ],
-            ordered=True,
-        )
-        state = {"state": "waiting_for_reply", "wake_at": None, "result": None, "error": None, "parked": False,
-                 "needs_advance": False, "updated_at": 1}  # fmt: skip
-        if middle_row_update:
-            await rows.update_one(
-                {"_id": "raw", "last_seq": seq, "run_seq": 1, "lease_owner": "me", "lease_until": 10},
-                {"$set": {**state, "last_seq": seq + 4}},
-            )
-        await events.insert_many(
-            [{"conversation_id": "raw", "seq": seq + n, "kind": "delivered", "at": AT, "message_id": f"raw:{seq + n}"}
-             for n in (5, 6)],
-            ordered=True,
-        )  # fmt: skip
-        await rows.update_one(
-            {"_id": "raw", "last_seq": {"$in": [seq, seq + 4]}, "run_seq": 1, "lease_owner": "me", "lease_until": 10},
-            {"$set": {**state, "last_seq": seq + 6, "lease_owner": None, "lease_until": None}},
-        )
+    for _ in range(turns):
+        await turn()
     took, cpu = time.perf_counter() - began, time.process_time() - cpu
     await client.close()
     return {"per_s": turns / took, "cpu_ms": 1000 * cpu / turns}
@@ -418,17 +384,16 @@ async def raw_turn_rate(uri: str, turns: int, *, middle_row_update: bool = False
 
 # The layouts the raw turn is issued against in ``layout_ceilings``: (events keyed by their ``_id``, the
 # conversation document's indexes as (keys, sparse), writes journaled). Only the first is the store's.
-LAYOUTS: dict[str, tuple[bool, list[tuple[list[tuple[str, int]], bool]], bool]] = {
-    "the store's": (False, [([("wake_at", 1)], False), ([("needs_advance", 1), ("lease_until", 1)], False),
-                            ([("lease_until", 1)], False)], True),
-    "sparse row indexes, lease unset": (False, [([("wake_at", 1)], True), ([("needs_advance", 1)], True),
-                                                ([("lease_until", 1)], True)], True),
-    "  and events keyed by _id": (True, [([("wake_at", 1)], True), ([("needs_advance", 1)], True),
-                                         ([("lease_until", 1)], True)], True),
-    "  and nothing journaled": (True, [([("wake_at", 1)], True), ([("needs_advance", 1)], True),
-                                       ([("lease_until", 1)], True)], False),
+_SPARSE = [(keys, True) for keys in SPARSE_ROW_INDEXES]
+LAYOUTS: dict[str, tuple[bool, list[tuple[Index, bool]], bool]] = {
+    "the store's": (False, [(keys, False) for keys in ROW_INDEXES], True),
+    "sparse row indexes, lease unset": (False, _SPARSE, True),
+    "  and events keyed by _id": (True, _SPARSE, True),
+    "  and nothing journaled": (True, _SPARSE, False),
     "events keyed by _id, only wake_at indexed": (True, [([("wake_at", 1)], True)], True),
-}  # fmt: skip
+}
+# A free row of the store's layout: its lease and flags are null and false, not left out.
+NULLED_LEASE = {"lease_owner": None, "lease_until": None, "parked": False, "needs_advance": False}
 
 
 async def layout_ceilings(uri: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
@@ -449,21 +414,8 @@ async def layout_ceilings(uri: str, rounds: int, per_round: int) -> dict[str, di
         await yardstick.insert_one({**SENT, "conversation_id": "c", "seq": next(counter)})
 
     calls: dict[str, Callable[[], Awaitable[None]]] = {"insert_one": insert_one}
-    for number, (name, (keyed, indexes, journaled)) in enumerate(LAYOUTS.items()):
-        concern = WriteConcern(j=True) if journaled else None
-        events = database.get_collection(f"events{number}", write_concern=concern)
-        rows = database.get_collection(f"rows{number}", write_concern=concern)
-        claims = database[f"rows{number}"]  # the claim goes without j, as the store's does
-        await events.drop()
-        await rows.drop()
-        if not keyed:
-            await events.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
-        for keys, sparse in indexes:
-            await rows.create_index(keys, sparse=sparse)
-        sparse_row = all(sparse for _, sparse in indexes)
-        free = {} if sparse_row else {"lease_owner": None, "lease_until": None, "parked": False, "needs_advance": False}
-        await rows.insert_one({"_id": "c", "state": "waiting_for_reply", "last_seq": 0, "run_seq": 1, **free})
-        calls[name] = _raw_layout_turn(events, rows, claims, keyed=keyed, sparse_row=sparse_row)
+    for number, (name, layout) in enumerate(LAYOUTS.items()):
+        calls[name] = await _layout_turn(database, str(number), layout)
     for call in calls.values():  # warm the connection and the server
         for _ in range(5):
             await call()
@@ -471,7 +423,7 @@ async def layout_ceilings(uri: str, rounds: int, per_round: int) -> dict[str, di
     servers: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            times = per_round * 3 if name == "insert_one" else per_round  # a turn is 4 writes
+            times = per_round * 3 if name == "insert_one" else per_round  # cheaper calls: more of them a round
             began, server = time.perf_counter(), server_cpu() or 0.0
             for _ in range(times):
                 await call()
@@ -492,11 +444,28 @@ async def layout_ceilings(uri: str, rounds: int, per_round: int) -> dict[str, di
     return results
 
 
-def _raw_layout_turn(
-    events: Any, rows: Any, claims: Any, *, keyed: bool, sparse_row: bool
+async def _layout_turn(
+    database: Any, suffix: str, layout: tuple[bool, list[tuple[Index, bool]], bool], *, middle_row_update: bool = False
 ) -> Callable[[], Awaitable[None]]:
-    """One layout's warm turn: claim, the reply and the bot's events, the delivered marks, the row dropping
-    the lease; each write checked to have hit, as the store's are."""
+    """Fresh collections ``events<suffix>`` and ``rows<suffix>`` laid out as ``layout`` (see ``LAYOUTS``), one
+    free conversation row in them, and the raw warm turn that writes to them: claim, the reply and the bot's
+    events, the delivered marks, the row dropping the lease; each write checked to have hit, as the store's are.
+    ``middle_row_update=True`` adds the row update between the two inserts that the store made until it put it
+    off to the last write (5 writes)."""
+    keyed, indexes, journaled = layout
+    concern = WriteConcern(j=True) if journaled else None
+    events = database.get_collection(f"events{suffix}", write_concern=concern)
+    rows = database.get_collection(f"rows{suffix}", write_concern=concern)
+    await events.drop()
+    await rows.drop()
+    if not keyed:
+        await events.create_index([("conversation_id", 1), ("seq", 1)], unique=True)
+    for keys, sparse in indexes:
+        await rows.create_index(keys, sparse=sparse)
+    sparse_row = all(sparse for _, sparse in indexes)
+    free = {} if sparse_row else NULLED_LEASE
+    await rows.insert_one({"_id": "c", "state": "waiting_for_reply", "last_seq": 0, "run_seq": 1, **free})
+    claims = database[f"rows{suffix}"]  # the claim goes without j, as the store's does
     seqs = iter(range(0, 10**9, 6))
 
     def keyed_by_id(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -517,6 +486,12 @@ def _raw_layout_turn(
             {**SENT, **base, "seq": seq + 3, "text": "Question?"},
             {**base, "seq": seq + 4, "kind": "waiting"},
         ]), ordered=True)  # fmt: skip
+        row_seq = seq
+        if middle_row_update:
+            held = {"_id": "c", "last_seq": seq, "lease_owner": "me", "lease_until": 10}
+            moved = await rows.update_one(held, {"$set": {"last_seq": seq + 4, "updated_at": seq}})
+            assert moved.modified_count == 1
+            row_seq = seq + 4
         await events.insert_many(
             keyed_by_id(
                 [{**base, "seq": seq + n, "kind": "delivered", "message_id": f"c:{seq + n - 3}"} for n in (5, 6)]
@@ -529,7 +504,8 @@ def _raw_layout_turn(
             if sparse_row
             else {"$set": {**state, "lease_owner": None, "lease_until": None}}
         )
-        dropped = await rows.update_one({"_id": "c", "last_seq": seq, "lease_owner": "me", "lease_until": 10}, drop)
+        held = {"_id": "c", "last_seq": row_seq, "lease_owner": "me", "lease_until": 10}
+        dropped = await rows.update_one(held, drop)
         assert dropped.modified_count == 1
 
     return turn
