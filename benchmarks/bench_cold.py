@@ -5,9 +5,10 @@
 store object and a new runner with ``cache_size=0`` deliver one reply (load, validate every event, replay,
 append, hand off). It prints the median wall-clock and process CPU time, the wall time the cyclic garbage
 collector's passes took within it (``gc.callbacks``), and the median of each stage timed alone (the SQL
-read, the validation, the replay). ``--ab OTHER_TREE`` runs the same script alternately
-against this tree and another checkout (one subprocess each, interleaved, so both see the same load) and
-prints the two side by side.
+read, the validation, the replay). Before each cold deliver it times a fixed pure-Python loop (the CPU
+yardstick) and prints that loop and the deliver over it: the machine's speed at that moment.
+``--ab OTHER_TREE`` runs the same script alternately against this tree and another checkout (one subprocess
+each, interleaved, so both see the same load) and prints the two side by side.
 
 This file reads the wall clock (``time.perf_counter``) on purpose: it measures the library.
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_core import CountingChannel, code_under_test, grow_log
+from bench_core import LOOP_ITERATIONS, CountingChannel, code_under_test, grow_log, python_loop_s
 
 from dynaprompt import Runner, open_store
 
@@ -69,6 +70,16 @@ def timed(samples: dict[str, list[float]], name: str, began: float, cpu_began: f
     samples.setdefault(name + " cpu", []).append((time.process_time() - cpu_began) * 1000)
 
 
+LOOP = f"CPU yardstick: {LOOP_ITERATIONS:,}-iteration loop"
+
+
+def against_loop(samples: dict[str, list[float]], loop_s: float) -> None:
+    """Record the loop timed just before the last cold deliver, and that deliver over it: the ratio the
+    machine's speed at that moment cancels out of (see ``bench_core.python_loop_s``)."""
+    samples.setdefault(LOOP, []).append(loop_s * 1000)
+    samples.setdefault("cold deliver / that loop", []).append(samples["cold deliver"][-1] / (loop_s * 1000))
+
+
 async def measure(url: str, cid: str, repeats: int) -> dict[str, float]:
     from dynaprompt.events import log_from_json
     from dynaprompt.replay import Execution
@@ -79,11 +90,13 @@ async def measure(url: str, cid: str, repeats: int) -> dict[str, float]:
     for _ in range(repeats):
         store = shared or await open_store(url)
         gc.collect()
+        loop_s = python_loop_s()
         began, cpu = time.perf_counter(), time.process_time()
         with CollectorClock() as collector:
             async with Runner(store, CountingChannel(), cache_size=0) as cold:
                 await cold.deliver(cid, "cold")
         timed(samples, "cold deliver", began, cpu)
+        against_loop(samples, loop_s)
         samples.setdefault("  of which the garbage collector's passes", []).append(collector.ms)
         samples.setdefault("  garbage collector's passes (count)", []).append(collector.passes)
         if shared is None:
@@ -146,10 +159,12 @@ async def measure_memory(store: Any, cid: str, repeats: int) -> dict[str, float]
     samples: dict[str, list[float]] = {}
     for _ in range(repeats):
         gc.collect()
+        loop_s = python_loop_s()
         began, cpu = time.perf_counter(), time.process_time()
         async with Runner(store, CountingChannel(), cache_size=0) as cold:
             await cold.deliver(cid, "cold")
         timed(samples, "cold deliver", began, cpu)
+        against_loop(samples, loop_s)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

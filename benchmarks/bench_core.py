@@ -1,4 +1,4 @@
-"""Benchmark of the dynaprompt core: throughput, restart, cold resume, memory, and raw SQLite as the yardstick.
+"""Benchmark of the dynaprompt core: throughput, restart, cold resume, memory; raw SQLite and a CPU loop as yardsticks.
 
 Run ``python benchmarks/bench_core.py`` (``--n 1000 --k 10`` are the defaults; ``--help`` lists the
 rest). Each store runs in its own child process, so every peak-memory figure belongs to one store
@@ -311,7 +311,9 @@ class Leg:
                 await grow_log(builder, store, f"log{size}", size)
         times: dict[int, list[float]] = {size: [] for size in sizes}
         cpu_times: dict[int, list[float]] = {size: [] for size in sizes}
+        yardstick: list[float] = []
         for _ in range(repeats):
+            yardstick.append(python_loop_s())  # the CPU's speed at this moment, beside the resumes it times
             for size in sizes:
                 # A new store object each time for SQLite: nothing warm survives from the build.
                 if self.kind != "memory":
@@ -330,6 +332,11 @@ class Leg:
         await store.close()
         self.results["cold_resume_s"] = results
         self.results["cold_resume_cpu_s"] = cpu_results
+        self.results["python_loop_s"] = statistics.median(yardstick)
+        largest = max(sizes)  # each resume over the loop timed just before it: the CPU's speed cancels out
+        self.results["cold_resume_per_loop"] = statistics.median(
+            took / loop for took, loop in zip(times[largest], yardstick, strict=True)
+        )
 
     async def idle_memory(self, count: int) -> None:
         """Python heap retained per idle conversation (started, now waiting for a reply), cache off and on.
@@ -355,7 +362,23 @@ class Leg:
         self.results["idle_count"] = count
 
 
-# -- plain sqlite3: the yardstick ------------------------------------------------------------------------------
+# -- the yardsticks: plain sqlite3, and the CPU --------------------------------------------------------------
+
+LOOP_ITERATIONS = 1_000_000
+
+
+def python_loop_s() -> float:
+    """Seconds this process takes for a fixed pure-Python loop: the CPU yardstick for the cold resume.
+
+    A cold resume is CPU work alone (validation, then the dialog re-run), and this machine's CPU speed moves
+    by up to two times from minute to minute; the loop, timed beside each resume, moves with it (correlation
+    about 0.84 over 40 interleaved pairs), so the ratio of the two says what the library costs, and the loop
+    alone says how fast the machine was."""
+    began = time.perf_counter()
+    total = 0
+    for i in range(LOOP_ITERATIONS):
+        total += i
+    return time.perf_counter() - began
 
 
 def raw_sqlite(folder: Path, synchronous: str, seconds: float, cap: int) -> float:
@@ -482,6 +505,10 @@ def report(args: argparse.Namespace, legs: dict[str, dict[str, Any]]) -> str:
             fmt(seconds * 1000, ".2f"), "< 50" if int(size) == 10_000 else "", "")  # fmt: skip
         row("  the same, process CPU time (ms)", fmt(memory["cold_resume_cpu_s"][size] * 1000, ".2f"),
             fmt(lite["cold_resume_cpu_s"][size] * 1000, ".2f"))  # fmt: skip
+    row(f"  CPU yardstick: a {LOOP_ITERATIONS:,}-iteration Python loop (ms)",
+        fmt(memory["python_loop_s"] * 1000, ".2f"), fmt(lite["python_loop_s"] * 1000, ".2f"))  # fmt: skip
+    row(f"  cold resume, {max(args.log_sizes):,}-event log / that loop", fmt(memory["cold_resume_per_loop"], ".2f"),
+        fmt(lite["cold_resume_per_loop"], ".2f"))  # fmt: skip
     row("peak RSS, whole process (ru_maxrss, MB)", fmt(memory["peak_rss_mb"], ".1f"), fmt(lite["peak_rss_mb"], ".1f"),
         "< 100")  # fmt: skip
     row("  RSS after imports (MB)", fmt(memory["rss_after_import_mb"], ".1f"), fmt(lite["rss_after_import_mb"], ".1f"))

@@ -29,6 +29,8 @@ def test_benchmark_prints_every_figure_for_both_stores(tmp_path: Path) -> None:
         "live again after restart (3 conversations, s)",
         "cold resume, 40-event log (ms)",
         "cold resume, 80-event log (ms)",
+        "CPU yardstick: a 1,000,000-iteration Python loop (ms)",
+        "cold resume, 80-event log / that loop",
         "peak RSS",
         "heap per idle conversation, cache off",
         "kill: yes, power loss: no",
@@ -45,6 +47,10 @@ def test_benchmark_prints_every_figure_for_both_stores(tmp_path: Path) -> None:
         assert figures[kind]["turns_per_s"] > 0
         assert figures[kind]["commits_per_turn"] >= 1  # every turn writes durably
         assert set(figures[kind]["cold_resume_s"]) == {"40", "80"}
+        assert figures[kind]["python_loop_s"] > 0
+        # The ratio is the largest log's resume over the loop timed beside it (one repeat here: exactly that).
+        ratio = figures[kind]["cold_resume_s"]["80"] / figures[kind]["python_loop_s"]
+        assert figures[kind]["cold_resume_per_loop"] == pytest.approx(ratio)
     assert figures["sqlite"]["restart_live"] == 3
     assert figures["raw"]["normal"] > 0
 
@@ -57,6 +63,9 @@ def test_cold_resume_benchmark_prints_its_stages_and_compares_trees(tmp_path: Pa
     assert set(figures) == {"sqlite", "memory://"}
     for stage in ("cold deliver", "cold deliver cpu", "  validation", "  replay (Execution.extend + advance)"):
         assert figures["sqlite"][stage] > 0
+    for store in ("sqlite", "memory://"):  # the CPU yardstick beside each store's resumes, and the ratio
+        loop = figures[store]["CPU yardstick: 1,000,000-iteration loop"]
+        assert figures[store]["cold deliver / that loop"] == pytest.approx(figures[store]["cold deliver"] / loop)
     # --ab against this very tree: one interleaved round each, printed side by side.
     same_tree = ["--ab", str(SCRIPT.parent.parent), "--rounds", "1"]
     assert "sqlite cold deliver" in run_benchmark(script, *tiny[:4], *same_tree)
