@@ -312,13 +312,15 @@ class Leg:
         times: dict[int, list[float]] = {size: [] for size in sizes}
         cpu_times: dict[int, list[float]] = {size: [] for size in sizes}
         yardstick: list[float] = []
+        largest = max(sizes)
         for _ in range(repeats):
-            yardstick.append(python_loop_s())  # the CPU's speed at this moment, beside the resumes it times
             for size in sizes:
                 # A new store object each time for SQLite: nothing warm survives from the build.
                 if self.kind != "memory":
                     await store.close()
                     store = await open_store(url)
+                if size == largest:  # the CPU's speed at this moment, right beside the resume it is read with
+                    yardstick.append(python_loop_s())
                 began, cpu_began = time.perf_counter(), time.process_time()
                 async with Runner(store, CountingChannel(), cache_size=0) as cold:
                     await cold.deliver(f"log{size}", "cold")
@@ -333,7 +335,7 @@ class Leg:
         self.results["cold_resume_s"] = results
         self.results["cold_resume_cpu_s"] = cpu_results
         self.results["python_loop_s"] = statistics.median(yardstick)
-        largest = max(sizes)  # each resume over the loop timed just before it: the CPU's speed cancels out
+        # Each of the largest log's resumes over the loop timed just before it: the CPU's speed cancels out.
         self.results["cold_resume_per_loop"] = statistics.median(
             took / loop for took, loop in zip(times[largest], yardstick, strict=True)
         )
